@@ -226,16 +226,17 @@ def render_scene(s: ProductSpec, canon: Image.Image, distractors: list[Image.Ima
                  size: int, rng: np.random.Generator) -> bytes:
     """One JPEG photo of the product with random pose, clutter, lighting and noise."""
     S = 2 * size  # supersampled canvas
-    c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    c0, c1 = (np.clip(rng.uniform(40, 220) + rng.normal(0, 25, 3), 0, 255) for _ in range(2))  # muted
     t = np.linspace(0, 1, S)[:, None] * np.cos(a := rng.uniform(0, np.pi)) + np.linspace(0, 1, S)[None, :] * np.sin(a)
     t = (t - t.min()) / (np.ptp(t) + 1e-6)
     bg = (c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]).astype(np.uint8)
     img = Image.fromarray(bg)
     d = ImageDraw.Draw(img, "RGBA")
-    for _ in range(int(rng.integers(2, 8))):
+    for _ in range(int(rng.integers(1, 5))):
         x, y = rng.integers(-S // 4, S, 2)
         bw, bh = rng.integers(S // 10, S // 2, 2)
-        fill = tuple(int(v) for v in rng.integers(0, 256, 3)) + (int(rng.integers(120, 256)),)
+        rgb = rng.integers(0, 256, 3) if rng.random() < 0.3 else rng.uniform(30, 230) + rng.normal(0, 20, 3)
+        fill = tuple(int(v) for v in np.clip(rgb, 0, 255)) + (int(rng.integers(120, 256)),)
         kind = rng.integers(3)
         if kind == 0:
             d.rectangle((x, y, x + bw, y + bh), fill=fill)
@@ -243,11 +244,11 @@ def render_scene(s: ProductSpec, canon: Image.Image, distractors: list[Image.Ima
             d.ellipse((x, y, x + bw, y + bh), fill=fill)
         else:
             d.line((x, y, x + bw, y + bh), fill=fill, width=int(rng.integers(2, S // 12)))
-    if distractors and rng.random() < 0.6:  # a partial other product at the edge
+    if distractors and rng.random() < 0.4:  # a partial other product at the edge
         other = _pose(distractors[rng.integers(len(distractors))], rng.uniform(0.5, 0.9) * S, rng)
         ox = int(rng.choice([-other.width * 0.6, S - other.width * 0.4]))
         img.paste(other, (ox, int(rng.uniform(-0.3, 0.6) * S)), other)
-    prod = _pose(canon, rng.uniform(0.55, 0.95) * S, rng)
+    prod = _pose(canon, rng.uniform(0.8, 1.1) * S, rng)
     px = int(S / 2 - prod.width / 2 + rng.uniform(-0.2, 0.2) * S)
     py = int(S / 2 - prod.height / 2 + rng.uniform(-0.2, 0.2) * S)
     img.paste(prod, (px, py), prod)
@@ -259,9 +260,9 @@ def render_scene(s: ProductSpec, canon: Image.Image, distractors: list[Image.Ima
         (d.ellipse if rng.random() < 0.5 else d.rectangle)((ox, oy, ox + ow, oy + oh), fill=fill)
     img = img.resize((size, size), Image.LANCZOS)
     arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = arr * rng.uniform(0.8, 1.2, 3)[None, None, :]  # colour cast
-    arr = (arr - arr.mean()) * rng.uniform(0.7, 1.3) + arr.mean() + rng.uniform(-0.12, 0.12)
-    arr = np.clip(arr, 0, 1) ** rng.uniform(0.7, 1.4)
+    arr = arr * rng.uniform(0.9, 1.1, 3)[None, None, :]  # colour cast
+    arr = (arr - arr.mean()) * rng.uniform(0.8, 1.2) + arr.mean() + rng.uniform(-0.08, 0.08)
+    arr = np.clip(arr, 0, 1) ** rng.uniform(0.8, 1.25)
     arr = arr * 255 + rng.normal(0, rng.uniform(0, 6), arr.shape)
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     if rng.random() < 0.3:

@@ -1,0 +1,43 @@
+"""Weighted concatenation of member descriptors.
+
+Each member's descriptors are L2-normalised and multiplied by sqrt(w_m / sum(w)),
+then concatenated. The cosine similarity of two concatenations is then the weighted
+mean of the members' cosine similarities, sum_m w_m cos_m / sum_m w_m, and the
+concatenation is already unit length.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Return float32 rows scaled to unit length (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, eps)
+
+
+def normalize_weights(weights: Sequence[float] | None, n_members: int) -> np.ndarray:
+    """Return non-negative weights summing to 1 (equal when ``weights`` is None)."""
+    if weights is None:
+        return np.full(n_members, 1.0 / n_members)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (n_members,):
+        raise ValueError(f"{n_members} members but {w.size} weights")
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero, got {list(w)}")
+    return w / w.sum()
+
+
+def concatenate(member_desc: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+    """Return the (n, sum d_m) float32 weighted concatenation of the members' (n, d_m) descriptors."""
+    if not member_desc:
+        raise ValueError("no member descriptors to combine")
+    n = {len(d) for d in member_desc}
+    if len(n) != 1:
+        raise ValueError(f"members describe different numbers of images: {[len(d) for d in member_desc]}")
+    w = normalize_weights(weights, len(member_desc))
+    parts = [l2_normalize(d) * np.float32(np.sqrt(wm)) for d, wm in zip(member_desc, w)]
+    return np.concatenate(parts, axis=1)
