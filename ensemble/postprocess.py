@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ensemble.combine import concatenate, normalize_weights
+from ensemble.combine import concatenate
 from ensemble.whitening import Whitening, fit_whitening
 from rerank.pipeline import RerankParams
 
@@ -71,7 +71,3 @@ def ensemble_descriptors(member_desc: Sequence[np.ndarray], post: PostProcessing
     dim = None if post.whiten_dim is None else min(post.whiten_dim, whitening.dim)
     return whitening.apply(combined, power=post.whiten_power, dim=dim)
 
-
-def n_members_weights(post: PostProcessing, n_members: int) -> np.ndarray:
-    """The normalised member weights ``post`` implies for ``n_members`` members."""
-    return normalize_weights(post.weights, n_members)

@@ -1,0 +1,45 @@
+"""The held-out descriptors a tuning study works on: no image is read during a study."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class HeldoutSet:
+    """Per-member descriptors of the held-out split and of the train classes.
+
+    ``query[m]`` (nq, d_m), ``reference[m]`` (nr, d_m) and ``train[m]`` (nt, d_m) are
+    float32 unit-length descriptors of member m; ``train`` (train-class images only,
+    never test images) is what whitening is fitted on. Labels are class names.
+    """
+
+    member_names: list[str]
+    query: list[np.ndarray]
+    reference: list[np.ndarray]
+    train: list[np.ndarray]
+    query_labels: np.ndarray
+    reference_labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.member_names)
+        if not (len(self.query) == len(self.reference) == len(self.train) == n) or n == 0:
+            raise ValueError(f"HeldoutSet: {n} member names but {len(self.query)}/{len(self.reference)}/"
+                             f"{len(self.train)} query/reference/train arrays")
+        for name, q, r, t in zip(self.member_names, self.query, self.reference, self.train):
+            if len(q) != len(self.query_labels) or len(r) != len(self.reference_labels):
+                raise ValueError(f"HeldoutSet member {name}: {len(q)} queries / {len(r)} references but "
+                                 f"{len(self.query_labels)} / {len(self.reference_labels)} labels")
+            if not (q.shape[1] == r.shape[1] == t.shape[1]):
+                raise ValueError(f"HeldoutSet member {name}: query/reference/train dims differ")
+        self.query_labels = np.asarray(self.query_labels)
+        self.reference_labels = np.asarray(self.reference_labels)
+
+    def subset_classes(self, classes: set[str] | list[str]) -> "HeldoutSet":
+        """Return the queries and references whose class is in ``classes`` (train unchanged)."""
+        keep = set(classes)
+        qm = np.isin(self.query_labels, list(keep))
+        rm = np.isin(self.reference_labels, list(keep))
+        return HeldoutSet(self.member_names, [q[qm] for q in self.query], [r[rm] for r in self.reference],
+                          self.train, self.query_labels[qm], self.reference_labels[rm])
