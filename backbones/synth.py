@@ -33,7 +33,7 @@ INKS: list[tuple[int, int, int]] = [(20, 20, 25), (250, 250, 245), (200, 30, 30)
 SHAPES = ("box", "bottle", "can", "pouch", "jar", "carton")
 PATTERNS = ("stripes", "dots", "checks", "waves", "diagonal", "zigzag")
 LOGOS = ("circle", "triangle", "diamond", "ring", "bars", "cross")
-ASPECT = {"box": 0.72, "bottle": 0.42, "can": 0.55, "pouch": 0.70, "jar": 0.68, "carton": 0.50}
+ASPECT = {"box": 0.72, "bottle": 0.48, "can": 0.55, "pouch": 0.70, "jar": 0.68, "carton": 0.56}
 GLYPHS = "ABCDEFGHJKLMNPRSTUVWXYZ23456789"
 
 
@@ -86,13 +86,13 @@ def make_specs(n: int, n_colours: int, rng: np.random.Generator) -> list[Product
         shape, pattern, logo = grid[order[i % len(grid)]]
         colour = colours[i % n_colours]
         others = [c for c in names if c != colour]
-        a, b = sorted(rng.uniform(0.25, 0.8, 2))
+        a = float(rng.uniform(0.15, 0.55))
         specs.append(ProductSpec(
             shape=shape, colour=colour, pattern=pattern,
             pattern_ink=INKS[rng.integers(2)] if rng.random() < 0.5 else PALETTE[others[rng.integers(len(others))]],
             pattern_period=float(rng.uniform(0.12, 0.3)), pattern_vertical=bool(rng.random() < 0.5),
             label=INKS[rng.integers(2)] if rng.random() < 0.6 else PALETTE[others[rng.integers(len(others))]],
-            band=(float(a), float(max(b, a + 0.18))),
+            band=(a, a + float(rng.uniform(0.18, 0.3))),
             glyphs="".join(GLYPHS[k] for k in rng.integers(len(GLYPHS), size=int(rng.integers(2, 4)))),
             glyph_ink=INKS[rng.integers(len(INKS))], logo=logo, logo_ink=INKS[rng.integers(len(INKS))],
             barcode=tuple(int(w) for w in rng.integers(1, 4, size=12)), barcode_right=bool(rng.random() < 0.5),
@@ -172,7 +172,7 @@ def render_product(s: ProductSpec, h: int) -> Image.Image:
     by0, by1 = min(h - 2, y1 + h // 40), min(h - 1, y1 + h // 40 + h // 10)
     d.rectangle((bx - unit, by0, bx + sum(s.barcode) * unit + unit, by1), fill=(250, 250, 250))
     for k, bw in enumerate(s.barcode):
-        if k % 2 == 0:
+        if k % 2 == 0 and by1 - by0 > 2:
             d.rectangle((bx, by0 + 1, bx + bw * unit - 1, by1 - 1), fill=(10, 10, 10))
         bx += bw * unit
     arr = np.asarray(img, dtype=np.float32)
@@ -211,7 +211,7 @@ def render_product(s: ProductSpec, h: int) -> Image.Image:
 def _pose(prod: Image.Image, height: float, rng: np.random.Generator) -> Image.Image:
     """Random scale, yaw-like squeeze, shear and rotation of an RGBA product."""
     w0, h0 = prod.size
-    sx = rng.uniform(0.7, 1.1)
+    sx = rng.uniform(0.8, 1.1)
     prod = prod.resize((max(4, int(w0 * height / h0 * sx)), max(4, int(height))), Image.BILINEAR)
     w, h = prod.size
     sh = rng.uniform(-0.25, 0.25)
@@ -226,15 +226,15 @@ def render_scene(s: ProductSpec, canon: Image.Image, distractors: list[Image.Ima
                  size: int, rng: np.random.Generator) -> bytes:
     """One JPEG photo of the product with random pose, clutter, lighting and noise."""
     S = 2 * size  # supersampled canvas
-    c0, c1 = (np.clip(rng.uniform(40, 220) + rng.normal(0, 25, 3), 0, 255) for _ in range(2))  # muted
+    c0, c1 = (np.clip(rng.uniform(70, 220) + rng.normal(0, 25, 3), 0, 255) for _ in range(2))  # muted
     t = np.linspace(0, 1, S)[:, None] * np.cos(a := rng.uniform(0, np.pi)) + np.linspace(0, 1, S)[None, :] * np.sin(a)
     t = (t - t.min()) / (np.ptp(t) + 1e-6)
     bg = (c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]).astype(np.uint8)
     img = Image.fromarray(bg)
     d = ImageDraw.Draw(img, "RGBA")
-    for _ in range(int(rng.integers(1, 5))):
+    for _ in range(int(rng.integers(12, 30))):
         x, y = rng.integers(-S // 4, S, 2)
-        bw, bh = rng.integers(S // 10, S // 2, 2)
+        bw, bh = rng.integers(S // 16, S // 4, 2)
         rgb = rng.integers(0, 256, 3) if rng.random() < 0.3 else rng.uniform(30, 230) + rng.normal(0, 20, 3)
         fill = tuple(int(v) for v in np.clip(rgb, 0, 255)) + (int(rng.integers(120, 256)),)
         kind = rng.integers(3)
@@ -244,13 +244,13 @@ def render_scene(s: ProductSpec, canon: Image.Image, distractors: list[Image.Ima
             d.ellipse((x, y, x + bw, y + bh), fill=fill)
         else:
             d.line((x, y, x + bw, y + bh), fill=fill, width=int(rng.integers(2, S // 12)))
-    if distractors and rng.random() < 0.4:  # a partial other product at the edge
+    if distractors and rng.random() < 0.25:  # a partial other product at the edge
         other = _pose(distractors[rng.integers(len(distractors))], rng.uniform(0.5, 0.9) * S, rng)
         ox = int(rng.choice([-other.width * 0.6, S - other.width * 0.4]))
         img.paste(other, (ox, int(rng.uniform(-0.3, 0.6) * S)), other)
-    prod = _pose(canon, rng.uniform(0.8, 1.1) * S, rng)
-    px = int(S / 2 - prod.width / 2 + rng.uniform(-0.2, 0.2) * S)
-    py = int(S / 2 - prod.height / 2 + rng.uniform(-0.2, 0.2) * S)
+    prod = _pose(canon, rng.uniform(0.9, 1.2) * S, rng)
+    px = int(S / 2 - prod.width / 2 + rng.uniform(-0.12, 0.12) * S)
+    py = int(S / 2 - prod.height / 2 + rng.uniform(-0.12, 0.12) * S)
     img.paste(prod, (px, py), prod)
     if rng.random() < 0.3:  # occluder over part of the product
         d = ImageDraw.Draw(img)
@@ -263,7 +263,7 @@ def render_scene(s: ProductSpec, canon: Image.Image, distractors: list[Image.Ima
     arr = arr * rng.uniform(0.9, 1.1, 3)[None, None, :]  # colour cast
     arr = (arr - arr.mean()) * rng.uniform(0.8, 1.2) + arr.mean() + rng.uniform(-0.08, 0.08)
     arr = np.clip(arr, 0, 1) ** rng.uniform(0.8, 1.25)
-    arr = arr * 255 + rng.normal(0, rng.uniform(0, 6), arr.shape)
+    arr = arr * 255 + rng.normal(0, rng.uniform(0, 4), arr.shape)
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.2))))
@@ -285,6 +285,8 @@ def generate(out_dir: str | Path, config: SynthConfig | None = None) -> dict:
     cfg = config or SynthConfig()
     if cfg.train_classes < 1 or cfg.test_classes < 1 or cfg.queries_per_class < 1 or cfg.references_per_class < 1:
         raise ValueError("need >= 1 train class, test class, query and reference per class")
+    if cfg.size < 24 or cfg.images_per_class < 1 or cfg.workers < 1:
+        raise ValueError("need size >= 24 px, >= 1 image per train class and >= 1 worker")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a directory")
@@ -297,7 +299,7 @@ def generate(out_dir: str | Path, config: SynthConfig | None = None) -> dict:
     t0 = time.perf_counter()
     rng = np.random.default_rng([cfg.seed, 0])
     n = cfg.train_classes + cfg.test_classes
-    n_colours = max(2, min(len(PALETTE), cfg.test_classes // 2, n // 3))
+    n_colours = max(2, min(len(PALETTE), cfg.test_classes // 2))
     specs = make_specs(n, n_colours, rng)  # test classes first: they pair up on colours
     dspecs = make_specs(4, len(PALETTE), np.random.default_rng([cfg.seed, 1]))
     width = max(4, len(str(n)))
