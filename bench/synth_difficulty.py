@@ -18,17 +18,7 @@ from PIL import Image
 
 from backbones.synth import SynthConfig, generate
 
-try:
-    from tuning.metrics import mean_average_precision
-except ImportError:  # fallback: the hackathon's AP@k (normalised by min(R, k))
-    def mean_average_precision(rankings, query_labels, reference_labels, k=None):  # type: ignore[misc]
-        q, r = np.asarray(query_labels), np.asarray(reference_labels)
-        rel = r[np.asarray(rankings)] == q[:, None]
-        rel = rel[:, :k] if k else rel
-        prec = np.cumsum(rel, 1) / np.arange(1, rel.shape[1] + 1)
-        n_rel = (r[None, :] == q[:, None]).sum(1)
-        denom = np.minimum(n_rel, k) if k else n_rel
-        return float(((prec * rel).sum(1) / np.maximum(denom, 1)).mean())
+from tuning.metrics import mean_average_precision
 
 
 def hsv_hist(path: Path) -> np.ndarray:
