@@ -1,0 +1,245 @@
+"""Build an ensemble bundle from trained members and a dataset.
+
+    python -m ensemble.build --members RUN1 RUN2 [X.npy ...] [--weights 1 2] --data DATASET \\
+        --out BUNDLE [--split SPLIT.json] [--max-train-images N] [--device auto] [--batch-size 64] [--flip]
+
+Refuses members trained on different held-out splits, or on held-out classes
+(leakage), naming the member and the classes. Extracts (through the descriptor
+cache) each member's descriptors of the train classes (for whitening; optionally a
+seeded subsample) and of the held-out queries/references (for tuning), and writes
+the bundle with default post-processing (given or equal weights, no whitening, no
+re-ranking).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from backbones.data import TRAIN_DIR, scan_train
+from ensemble.bundle import Bundle
+from ensemble.combine import normalize_weights
+from ensemble.members import Member, RunMember, TTA, open_member
+from ensemble.model import expand_rows
+from ensemble.postprocess import PostProcessing
+from tuning.split import HoldoutSplit
+
+
+class MemberCheckError(ValueError):
+    """Members that must not be ensembled on this split (different split, or leakage)."""
+
+
+@dataclass
+class BuildOptions:
+    """What ``build_bundle`` extracts and how."""
+
+    weights: list[float] | None = None
+    max_train_images: int | None = None
+    seed: int = 0
+    allow_unknown_split: bool = True   # members that do not declare a split: warn instead of refuse
+    progress: bool = True
+
+
+@dataclass
+class BuildSummary:
+    """Counts of what went into the bundle (``line()`` is the CLI's last line)."""
+
+    out: Path
+    members: list[str]
+    dims: list[int]
+    split_hash: str
+    n_train: int
+    n_query: int
+    n_reference: int
+    unreadable: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        mem = ", ".join(f"{n} (d={d})" for n, d in zip(self.members, self.dims))
+        return (f"bundle {self.out}: {len(self.members)} members [{mem}], split {self.split_hash}, "
+                f"{self.n_train} train / {self.n_query} query / {self.n_reference} reference descriptors, "
+                f"{len(self.unreadable)} unreadable, {self.seconds:.1f} s")
+
+
+def check_members(members: Sequence[Member], split: HoldoutSplit, allow_unknown_split: bool = True) -> list[str]:
+    """Raise ``MemberCheckError`` for split mismatches or leakage; return warnings for unknowns."""
+    notes, errors = [], []
+    for m in members:
+        if m.split_hash is None:
+            msg = f"member {m.name}: no split_hash declared; cannot prove it used split {split.hash}"
+            if allow_unknown_split and m.kind == "file":
+                notes.append(msg)
+            else:
+                errors.append(msg)
+        elif m.split_hash != split.hash:
+            errors.append(f"member {m.name} was trained on held-out split {m.split_hash}, "
+                          f"but the ensemble is built on split {split.hash}")
+        if m.train_classes is None:
+            notes.append(f"member {m.name}: train classes unknown; cannot check it for leakage")
+        else:
+            leaked = sorted(set(m.train_classes) & set(split.heldout_classes))
+            if leaked:
+                shown = ", ".join(leaked[:10]) + (f" (+{len(leaked) - 10} more)" if len(leaked) > 10 else "")
+                errors.append(f"member {m.name} was trained on {len(leaked)} held-out classes "
+                              f"(leakage): {shown}")
+    hashes = {m.split_hash for m in members if m.split_hash is not None}
+    if len(hashes) > 1:
+        listing = ", ".join(f"{m.name}={m.split_hash}" for m in members if m.split_hash is not None)
+        errors.insert(0, f"members were trained on different held-out splits: {listing}")
+    if errors:
+        raise MemberCheckError("refusing to ensemble: " + "; ".join(errors))
+    for n in notes:
+        warnings.warn(n, stacklevel=2)
+    return notes
+
+
+def find_split(members: Sequence[Member], split_path: str | Path | None) -> HoldoutSplit:
+    """Load ``split_path``, or else a ``split.json`` found in a run member's directory."""
+    if split_path is not None:
+        return HoldoutSplit.load(split_path)
+    for m in members:
+        if isinstance(m, RunMember) and (m.run_dir / "split.json").is_file():
+            return HoldoutSplit.load(m.run_dir / "split.json")
+    raise MemberCheckError("no held-out split: pass --split SPLIT.json (the split the members were trained on)")
+
+
+def train_ids_for(data: Path, split: HoldoutSplit, max_images: int | None, seed: int) -> list[str]:
+    """Image ids of the split's train classes (a seeded subsample of ``max_images`` when given)."""
+    index = scan_train(data).subset(split.train_classes)
+    ids = list(index.ids)
+    if max_images is not None and len(ids) > max_images:
+        rng = np.random.default_rng(seed)
+        ids = [ids[i] for i in sorted(rng.choice(len(ids), size=max_images, replace=False))]
+    return ids
+
+
+def describe_sets(members: Sequence[Member], data: Path, ids: dict[str, list[str]],
+                  progress: bool = True) -> tuple[dict[str, list[str]], list[dict[str, np.ndarray]], list[str]]:
+    """Describe each set with each member; keep the images every member describes.
+
+    Returns (kept ids per set, per member {set: (n_kept, d_m) float32}, unreadable paths).
+    """
+    from tqdm.auto import tqdm
+    root = data / TRAIN_DIR
+    kept_ids: dict[str, list[str]] = {}
+    out: list[dict[str, np.ndarray]] = [{} for _ in members]
+    unreadable: list[str] = []
+    steps = tqdm(total=len(members) * len(ids), desc="members x sets", disable=not progress, file=sys.stderr)
+    for s, s_ids in ids.items():
+        paths = [root / i for i in s_ids]
+        full, ok = [], np.ones(len(paths), dtype=bool)
+        for m in members:
+            desc, m_ok = m.describe(paths, set_name=s if s == "train" else f"heldout-{s}", root=str(root),
+                                    progress=progress)
+            full.append(expand_rows(desc, m_ok))
+            ok &= np.asarray(m_ok, bool)
+            steps.update(1)
+        unreadable += [str(p) for p, good in zip(paths, ok) if not good]
+        kept_ids[s] = [i for i, good in zip(s_ids, ok) if good]
+        for mi, f in enumerate(full):
+            out[mi][s] = f[ok]
+    steps.close()
+    return kept_ids, out, unreadable
+
+
+def build_bundle(members: Sequence[Member], data: str | Path, split: HoldoutSplit, out: str | Path,
+                 options: BuildOptions | None = None) -> tuple[Bundle, BuildSummary]:
+    """Check the members, describe the train and held-out sets, and write the bundle to ``out``."""
+    t0 = time.time()
+    opt = options or BuildOptions()
+    data = Path(data)
+    check_members(members, split, opt.allow_unknown_split)
+    if opt.weights is not None:
+        normalize_weights(opt.weights, len(members))  # raises on a wrong count or bad values
+    ids = {"query": list(split.query_ids), "reference": list(split.reference_ids),
+           "train": train_ids_for(data, split, opt.max_train_images, opt.seed)}
+    kept, descs, unreadable = describe_sets(members, data, ids, opt.progress)
+    for s in ("query", "reference", "train"):
+        if not kept[s]:
+            raise ValueError(f"no readable {s} image in {data}: cannot build a bundle")
+    if unreadable:
+        warnings.warn(f"{len(unreadable)} images left out of the bundle (unreadable for some member), "
+                      f"e.g. {unreadable[:3]}", stacklevel=2)
+    post = PostProcessing(weights=None if opt.weights is None else [float(w) for w in opt.weights])
+    bundle = Bundle.from_members(members, split, kept, descs, post)
+    bundle.save(out)
+    summary = BuildSummary(Path(out), [m.name for m in members], [int(d["train"].shape[1]) for d in descs],
+                           split.hash, len(kept["train"]), len(kept["query"]), len(kept["reference"]),
+                           unreadable, time.time() - t0)
+    return bundle, summary
+
+
+@dataclass
+class BuildConfig:
+    """Everything the CLI takes besides members, data and out (paths, not objects)."""
+
+    weights: list[float] | None = None
+    split: str | Path | None = None        # None: split.json of a run member
+    max_train_images: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int = 0
+    flip: bool = False
+    cache_dir: str | Path | None = None    # None: OUT.cache beside the bundle
+    strict_split: bool = False
+    progress: bool = True
+
+
+def build_from_paths(member_paths: Sequence[str | Path], data: str | Path, out: str | Path,
+                     config: BuildConfig | None = None) -> tuple[Bundle, BuildSummary]:
+    """Open run dirs / .npy files as members, find the split, and ``build_bundle`` into ``out``."""
+    cfg = config or BuildConfig()
+    out = Path(out)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir is not None else out.with_name(out.name + ".cache")
+    members = [open_member(p, tta=TTA(flip=cfg.flip), cache_dir=cache_dir, device=cfg.device,
+                           batch_size=cfg.batch_size, workers=cfg.workers) for p in member_paths]
+    split = find_split(members, cfg.split)
+    return build_bundle(members, data, split, out, BuildOptions(
+        weights=cfg.weights, max_train_images=cfg.max_train_images, seed=cfg.seed,
+        allow_unknown_split=not cfg.strict_split, progress=cfg.progress))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m ensemble.build", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--members", nargs="+", required=True, help="run directories or .npy descriptor files")
+    ap.add_argument("--weights", nargs="+", type=float, help="one weight per member (default: equal)")
+    ap.add_argument("--data", required=True, type=Path, help="dataset root (train/train_data/<class>/...)")
+    ap.add_argument("--out", required=True, type=Path, help="bundle directory to write")
+    ap.add_argument("--split", type=Path, help="held-out split JSON (default: split.json of a run dir)")
+    ap.add_argument("--max-train-images", type=int, help="seeded subsample of train images for whitening")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--flip", action="store_true", help="flip TTA for run members")
+    ap.add_argument("--cache-dir", type=Path, help="descriptor cache (default: OUT.cache beside the bundle)")
+    ap.add_argument("--strict-split", action="store_true",
+                    help="refuse descriptor-file members that declare no split_hash")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = BuildConfig(weights=args.weights, split=args.split, max_train_images=args.max_train_images,
+                         seed=args.seed, device=args.device, batch_size=args.batch_size, workers=args.workers,
+                         flip=args.flip, cache_dir=args.cache_dir, strict_split=args.strict_split,
+                         progress=not args.no_progress)
+    try:
+        _bundle, summary = build_from_paths(args.members, args.data, args.out, config)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Ensemble members: anything that yields descriptors for a list of image paths.
+
+* ``RunMember``: a backbone run directory (``model.safetensors`` + ``config.json``),
+  described with ``backbones.extract.extract_descriptors`` (injectable, for tests),
+  optionally through the on-disk descriptor cache.
+* ``FileMember``: precomputed descriptors made elsewhere: a ``.npy`` (n, d) plus a
+  names file (``.txt`` one name per line, or ``.json`` list / ``{"names": [...]}``),
+  looked up by image id ``<class>/<file>``, file name or name (file name without
+  extension). An optional sidecar ``<stem>.meta.json`` may declare
+  ``split_hash``, ``train_classes`` and ``name`` for the leakage checks.
+
+Every member has ``name``, ``dim``, ``fingerprint`` (sha256 of its weights / files),
+``split_hash`` and ``train_classes`` (None when unknown), and
+``describe(paths) -> (desc (n_ok, d) float32 unit rows in input order, ok (n,) bool)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from backbones.data import image_name
+from backbones.fileio import sha256_file
+from ensemble.cache import cached_describe
+from ensemble.combine import l2_normalize
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+# extract(model_or_run_dir, paths, **kw) -> (desc (n_ok, d), ok (n,)); the signature of
+# backbones.extract.extract_descriptors.
+Extractor = Callable[..., tuple[np.ndarray, np.ndarray]]
+
+
+class MemberError(ValueError):
+    """A member that cannot be used as given (missing files, bad names file, ...)."""
+
+
+@dataclass
+class TTA:
+    """Test-time augmentation a run member extracts with (part of its cache key)."""
+
+    flip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+
+    def to_dict(self) -> dict:
+        return {"flip": bool(self.flip), "scales": [float(s) for s in self.scales]}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "TTA":
+        d = d or {}
+        return cls(flip=bool(d.get("flip", False)), scales=tuple(float(s) for s in d.get("scales", (1.0,))))
+
+
+@dataclass
+class Member:
+    """Base class: identity and leakage metadata shared by all members."""
+
+    name: str
+    dim: int | None
+    fingerprint: str
+    split_hash: str | None = None
+    train_classes: tuple[str, ...] | None = None
+
+    kind = "base"
+
+    def describe(self, paths: Sequence[str | os.PathLike], **kw) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def files(self) -> dict[str, Path]:
+        """Return {file name inside the member's bundle folder: source path}."""
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        """Return the JSON description a bundle stores (files are named relative to the member folder)."""
+        return {"kind": self.kind, "name": self.name, "dim": self.dim, "fingerprint": self.fingerprint,
+                "split_hash": self.split_hash,
+                "train_classes": None if self.train_classes is None else list(self.train_classes)}
+
+
+@dataclass
+class RunMember(Member):
+    """A backbone run directory; see the module docstring."""
+
+    run_dir: Path = Path(".")
+    config: dict = field(default_factory=dict)
+    tta: TTA = field(default_factory=TTA)
+    extractor: Extractor | None = None
+    cache_dir: Path | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    workers: int = 0
+    _model: object = field(default=None, repr=False)
+
+    kind = "run"
+
+    @classmethod
+    def from_dir(cls, run_dir: str | os.PathLike, *, name: str | None = None, tta: TTA | None = None,
+                 extractor: Extractor | None = None, cache_dir: str | os.PathLike | None = None,
+                 fingerprint: str | None = None, **kw) -> "RunMember":
+        """Open a run directory; ``fingerprint`` skips re-hashing weights already verified."""
+        run_dir = Path(run_dir)
+        cfg_path, w_path = run_dir / CONFIG_FILE, run_dir / WEIGHTS_FILE
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise MemberError(f"{run_dir}: not a backbone run directory ({p.name} missing)")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise MemberError(f"{cfg_path}: not valid JSON ({exc})") from exc
+        dim = config.get("embedding_dim", config.get("model", {}).get("embedding_dim"))
+        classes = config.get("train_classes", config.get("classes"))  # backbones.train writes train_classes
+        return cls(name=name or config.get("name") or run_dir.name,
+                   dim=None if dim is None else int(dim),
+                   fingerprint=fingerprint or sha256_file(w_path),
+                   split_hash=config.get("split_hash"),
+                   train_classes=None if classes is None else tuple(classes),
+                   run_dir=run_dir, config=config, tta=tta or TTA(), extractor=extractor,
+                   cache_dir=None if cache_dir is None else Path(cache_dir), **kw)
+
+    def files(self) -> dict[str, Path]:
+        return {WEIGHTS_FILE: self.run_dir / WEIGHTS_FILE, CONFIG_FILE: self.run_dir / CONFIG_FILE}
+
+    def spec(self) -> dict:
+        return {**super().spec(), "tta": self.tta.to_dict()}
+
+    def _extract(self, paths: Sequence[Path], progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        kw = dict(batch_size=self.batch_size, device=self.device, flip=self.tta.flip,
+                  scales=tuple(self.tta.scales), workers=self.workers, progress=progress)
+        if self.extractor is not None:
+            return self.extractor(self.run_dir, list(paths), **kw)
+        from backbones.extract import extract_descriptors, load_run
+        if self._model is None:  # load once, reuse for every image set
+            self._model, self.config = load_run(self.run_dir, self.device)
+        return extract_descriptors(self._model, list(paths), config=self.config, **kw)
+
+    def describe(self, paths: Sequence[str | os.PathLike], *, set_name: str = "images", root: str | None = None,
+                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Return (desc (n_ok, d) float32 unit rows in input order, ok (n,) bool).
+
+        With ``cache_dir`` set, descriptors come from ``cache_dir/<name>-<fp>/<set_name>``
+        and only new or changed images are extracted.
+        """
+        paths = [Path(p) for p in paths]
+        if not paths:
+            return np.zeros((0, self.dim or 0), np.float32), np.zeros(0, bool)
+        if self.cache_dir is None:
+            desc, ok = self._extract(paths, progress)
+            return l2_normalize(desc), np.asarray(ok, bool)
+        folder = self.cache_dir / f"{self.name}-{self.fingerprint[:12]}" / set_name
+        res = cached_describe(folder, paths, lambda ps: self._extract(ps, progress),
+                              fingerprint=self.fingerprint, settings=self.tta.to_dict(), root=root,
+                              progress=False)
+        return res.desc, res.ok
+
+
+def _read_names(path: Path) -> list[str]:
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text())
+            names = data["names"] if isinstance(data, dict) else data
+            if not isinstance(names, list):
+                raise TypeError("expected a list of names")
+            return [str(n) for n in names]
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise MemberError(f"{path}: cannot read image names ({exc})") from exc
+
+
+def _lookup_keys(path: Path) -> list[str]:
+    """Keys a precomputed file may use for an image, most specific first."""
+    return [f"{path.parent.name}/{path.name}", f"{path.parent.name}/{image_name(path)}",
+            path.name, image_name(path)]
+
+
+@dataclass
+class FileMember(Member):
+    """Precomputed descriptors looked up by image id or name; see the module docstring."""
+
+    npy_path: Path = Path(".")
+    names_path: Path = Path(".")
+    meta_path: Path | None = None
+    names: list[str] = field(default_factory=list)
+    _desc: np.ndarray | None = field(default=None, repr=False)
+    _index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    kind = "file"
+
+    @classmethod
+    def from_file(cls, npy_path: str | os.PathLike, names_path: str | os.PathLike | None = None, *,
+                  name: str | None = None, split_hash: str | None = None,
+                  train_classes: Sequence[str] | None = None, fingerprint: str | None = None) -> "FileMember":
+        """Open ``X.npy`` with names in ``names_path`` (default ``X.txt`` or ``X.json``) and
+        the optional sidecar ``X.meta.json``; explicit arguments override the sidecar."""
+        npy_path = Path(npy_path)
+        if not npy_path.is_file():
+            raise MemberError(f"{npy_path}: descriptor file not found")
+        if names_path is None:
+            candidates = [npy_path.with_suffix(".txt"), npy_path.with_suffix(".json")]
+            names_path = next((c for c in candidates if c.is_file()), None)
+            if names_path is None:
+                raise MemberError(f"{npy_path}: no names file ({candidates[0].name} or {candidates[1].name})")
+        names_path = Path(names_path)
+        meta_path = npy_path.with_suffix(".meta.json")
+        meta = {}
+        if meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except json.JSONDecodeError as exc:
+                raise MemberError(f"{meta_path}: not valid JSON ({exc})") from exc
+        else:
+            meta_path = None
+        desc = np.load(npy_path, mmap_mode="r")
+        names = _read_names(names_path)
+        if desc.ndim != 2 or len(desc) != len(names):
+            raise MemberError(f"{npy_path}: {desc.shape} descriptors but {len(names)} names in {names_path.name}")
+        index: dict[str, int] = {}
+        for i, n in enumerate(names):
+            if n in index:
+                raise MemberError(f"{names_path}: name {n!r} listed twice")
+            index[n] = i
+        if fingerprint is None:
+            h = hashlib.sha256()
+            for p in (npy_path, names_path):
+                h.update(sha256_file(p).encode())
+            fingerprint = h.hexdigest()
+        classes = train_classes if train_classes is not None else meta.get("train_classes")
+        return cls(name=name or meta.get("name") or npy_path.stem, dim=int(desc.shape[1]),
+                   fingerprint=fingerprint, split_hash=split_hash or meta.get("split_hash"),
+                   train_classes=None if classes is None else tuple(classes), npy_path=npy_path,
+                   names_path=names_path, meta_path=meta_path, names=names, _desc=desc, _index=index)
+
+    def files(self) -> dict[str, Path]:
+        out = {"descriptors.npy": self.npy_path, "names" + self.names_path.suffix: self.names_path}
+        if self.meta_path is not None:
+            out["descriptors.meta.json"] = self.meta_path
+        return out
+
+    def describe(self, paths: Sequence[str | os.PathLike], **_ignored) -> tuple[np.ndarray, np.ndarray]:
+        """Return (desc (n_ok, d) float32 unit rows in input order, ok (n,) bool); ok is False
+        for images the file does not list (warned once with a count)."""
+        rows = []
+        for p in paths:
+            rows.append(next((self._index[k] for k in _lookup_keys(Path(p)) if k in self._index), -1))
+        rows_a = np.asarray(rows, dtype=np.int64)
+        ok = rows_a >= 0
+        if not ok.all():
+            missing = [str(p) for p, good in zip(paths, ok) if not good]
+            warnings.warn(f"member {self.name}: {len(missing)} images not in {self.npy_path.name}, "
+                          f"e.g. {missing[:3]}", stacklevel=2)
+        desc = np.asarray(self._desc[np.sort(rows_a[ok])], dtype=np.float32) if ok.any() else \
+            np.zeros((0, self.dim or 0), np.float32)
+        if ok.any():  # restore input order after the sorted (mmap-friendly) read
+            order = np.argsort(np.argsort(rows_a[ok], kind="stable"), kind="stable")
+            desc = desc[order]
+        return l2_normalize(desc), ok
+
+
+def open_member(path: str | os.PathLike, **kw) -> Member:
+    """Open a run directory (``RunMember``) or a ``.npy`` descriptor file (``FileMember``)."""
+    path = Path(path)
+    if path.is_dir():
+        return RunMember.from_dir(path, **kw)
+    if path.suffix == ".npy":
+        file_kw = {k: v for k, v in kw.items() if k in ("name", "split_hash", "train_classes", "fingerprint")}
+        return FileMember.from_file(path, **file_kw)
+    raise MemberError(f"{path}: not a run directory or a .npy descriptor file")
+
+
+def member_from_spec(spec: dict, folder: str | os.PathLike, **kw) -> Member:
+    """Rebuild a member stored in a bundle's member ``folder`` from its ``spec`` (no re-hashing)."""
+    folder = Path(folder)
+    common = dict(name=spec["name"], fingerprint=spec["fingerprint"])
+    if spec["kind"] == "run":
+        return RunMember.from_dir(folder, tta=TTA.from_dict(spec.get("tta")), **common, **kw)
+    if spec["kind"] == "file":
+        names = next((p for p in (folder / "names.txt", folder / "names.json") if p.is_file()), None)
+        return FileMember.from_file(folder / "descriptors.npy", names, split_hash=spec.get("split_hash"),
+                                    train_classes=spec.get("train_classes"), **common)
+    raise MemberError(f"{folder}: unknown member kind {spec['kind']!r}")

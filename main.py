@@ -1,0 +1,201 @@
+"""NSML entry point: build, save, load and serve the ensemble checkpoint.
+
+On NSML (``nsml submit``) the platform runs ``main.py --mode test --pause 1``, calls
+``load(dir)`` and then ``infer(queries, _)``. Without the ``nsml`` package a local
+stand-in (tuning/nsml_local.py) runs the same code:
+
+    # build an ensemble from trained backbone runs (train mode)
+    python main.py --mode train --data DATASET --members RUN1 RUN2 --trials 100
+    # a local submission, scored when DATASET/test/labels.csv exists
+    python main.py --mode test --pause 1 --data DATASET --checkpoint checkpoints/local/final
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:  # on the NSML platform
+    import nsml
+    from nsml import DATASET_PATH
+
+    IS_ON_NSML = True
+except ImportError:  # anywhere else: the local stand-in with the same functions
+    from tuning import nsml_local as nsml
+
+    DATASET_PATH = None
+    IS_ON_NSML = False
+
+from backbones.data import REFERENCE_DIR, QUERY_DIR, image_name, list_images, read_labels
+from tuning.metrics import validate_submission
+from tuning.submit import build_submission, score_submission, write_submission
+
+
+class SessionState:
+    """What the bound functions share: the loaded bundle and the member runs loaded so far."""
+
+    def __init__(self, data_root: str | None, top_k: int | None, device: str):
+        self.data_root = data_root
+        self.top_k = top_k
+        self.device = device
+        self.bundle = None
+        self.member_dirs: list[Path] = []
+        self.workdir = Path(tempfile.mkdtemp(prefix="kit-session-"))
+
+
+def _is_bundle(path: Path) -> bool:
+    from ensemble.bundle import is_bundle
+    return is_bundle(path)
+
+
+def bind_model(state: SessionState) -> None:
+    """nsml.bind(save, load, infer) over ``state``."""
+
+    def save(dir_name: str, *args, **kwargs) -> None:
+        if state.bundle is None:
+            raise RuntimeError("nothing to save: no ensemble was built or loaded")
+        state.bundle.save(Path(dir_name) / "bundle")
+
+    def load(dir_name: str, *args, **kwargs) -> None:
+        from ensemble.bundle import Bundle
+        source = Path(dir_name)
+        candidate = source / "bundle" if (source / "bundle").is_dir() else source
+        # NSML may remove dir_name afterwards: keep a private copy
+        target = state.workdir / f"loaded-{len(state.member_dirs)}-{int(time.time() * 1000)}"
+        shutil.copytree(candidate, target)
+        if _is_bundle(target):
+            state.bundle = Bundle.load(target)
+            print(f"loaded ensemble checkpoint from {source}", flush=True)
+        elif (target / "config.json").is_file():
+            state.member_dirs.append(target)
+            print(f"loaded member run from {source}", flush=True)
+        else:
+            raise ValueError(f"{source}: neither an ensemble checkpoint nor a backbone run")
+
+    def infer(queries: list[str], _=None):
+        return run_inference(state, queries)
+
+    nsml.bind(save=save, load=load, infer=infer)
+
+
+def run_inference(state: SessionState, query_paths: list[str]):
+    """Rank the references for ``query_paths``: NSML's ``[(i, (query, [refs...])), ...]``."""
+    if state.bundle is None:
+        raise RuntimeError("infer called before load: no ensemble checkpoint")
+    root = state.data_root or DATASET_PATH
+    reference_paths = list_images(Path(root) / REFERENCE_DIR)
+    query_names = [image_name(p) for p in query_paths]
+    reference_names = [image_name(p) for p in reference_paths]
+    ensemble = state.bundle.ensemble(device=state.device)
+    top_k = len(reference_paths) if state.top_k is None else min(state.top_k, len(reference_paths))
+    ranking = ensemble.rank([str(p) for p in query_paths], [str(p) for p in reference_paths], top_k=top_k)
+    submission = build_submission(query_names, reference_names, ranking.indices, length=state.top_k)
+    validate_submission(submission, query_names, reference_names, length=state.top_k)
+    return submission
+
+
+def train(state: SessionState, args: argparse.Namespace) -> None:
+    """Build the ensemble (members from run dirs and earlier sessions), tune it, save it."""
+    from ensemble.build import BuildConfig, build_from_paths
+    for spec in args.sessions:
+        session, _, checkpoint = spec.partition(":")
+        nsml.load(checkpoint=checkpoint or "final", session=session)
+    members = [Path(m) for m in args.members] + state.member_dirs
+    if not members:
+        raise SystemExit("train mode needs --members RUN_DIR ... and/or --sessions SESSION[:CHECKPOINT] ...")
+    out = state.workdir / "bundle"
+    config = BuildConfig(device=args.device, split=args.split, max_train_images=args.max_train_images,
+                         seed=args.seed, cache_dir=state.workdir / "cache")
+    state.bundle, summary = build_from_paths([str(m) for m in members], state.data_root or DATASET_PATH,
+                                             out, config)
+    print(summary.line(), flush=True)
+    nsml.report(step=0, members=len(members))
+    if args.trials > 0:
+        from ensemble.bundle import Bundle
+        from tuning.search import SearchConfig, tune_bundle
+        result = tune_bundle(out, SearchConfig(n_trials=args.trials, seed=args.seed))
+        nsml.report(summary=True, step=args.trials, heldout_map=result.best_value,
+                    heldout_map_default=result.defaults_value)
+        state.bundle = Bundle.load(out)
+    target = nsml.save("final")
+    if not IS_ON_NSML:
+        print(f"ensemble checkpoint saved to {target}", flush=True)
+
+
+def local_submission(state: SessionState, args: argparse.Namespace) -> dict | None:
+    """Load, infer on every query, validate, write JSON + CSV, and score when labels exist."""
+    if not args.checkpoint:
+        raise SystemExit("test mode without NSML needs --checkpoint (an ensemble checkpoint folder)")
+    bound_load = nsml._bound["load"]
+    bound_load(args.checkpoint)
+    root = Path(state.data_root)
+    query_paths = [str(p) for p in list_images(root / QUERY_DIR)]
+    submission = nsml.infer(query_paths)
+    out = Path(args.out)
+    json_path, csv_path = write_submission(submission, out)
+    print(f"submission: {len(submission)} queries -> {json_path}, {csv_path}", flush=True)
+    try:
+        labels = read_labels(root)
+    except FileNotFoundError:
+        print("no test/labels.csv: not scored", flush=True)
+        return None
+    scores = score_submission(submission, labels, length=state.top_k,
+                              query_names=[q for _, (q, _) in submission],
+                              reference_names=[image_name(p) for p in list_images(root / REFERENCE_DIR)])
+    print("local leaderboard: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+    if args.picture:
+        from tuning.picture import retrieval_picture
+        n = min(args.picture, len(submission))
+        ref_dir = root / REFERENCE_DIR
+        by_name = {image_name(p): p for p in list_images(ref_dir)}
+        rows = [(q, refs[:6]) for _, (q, refs) in submission[:n]]
+        retrieval_picture([query_paths[i] for i in range(n)],
+                          [[by_name[r] for r in refs] for _, refs in rows],
+                          [[labels["reference"][r] == labels["query"][q] for r in refs] for q, refs in rows],
+                          out / "retrieval.png")
+    return scores
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # NSML's reserved arguments
+    p.add_argument("--mode", choices=["train", "test"], default="train")
+    p.add_argument("--iteration", default="0", help="NSML: the checkpoint to load")
+    p.add_argument("--pause", type=int, default=0, help="NSML sets 1 when it loads a model")
+    # the kit's
+    p.add_argument("--data", help="dataset root (DATASET_PATH when not on NSML)")
+    p.add_argument("--members", nargs="*", default=[], help="backbone run directories")
+    p.add_argument("--sessions", nargs="*", default=[], help="earlier NSML sessions SESSION[:CHECKPOINT] to load as members")
+    p.add_argument("--split", help="held-out split JSON (default: the members' own)")
+    p.add_argument("--max-train-images", type=int, default=5000, help="train-class images used for whitening")
+    p.add_argument("--trials", type=int, default=0, help="Optuna trials after building (0: no tuning)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", help="local: the ensemble checkpoint folder to load in test mode")
+    p.add_argument("--full-ranking", action="store_true", help="rank every reference (phase 1) instead of the top 1000")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="submission", help="local: where the submission files go")
+    p.add_argument("--picture", type=int, default=8, help="local: queries drawn in retrieval.png (0: none)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if not IS_ON_NSML:
+        if not args.data:
+            raise SystemExit("without NSML, --data DATASET is required")
+        nsml.DATASET_PATH = args.data
+    state = SessionState(args.data or DATASET_PATH, None if args.full_ranking else 1000, args.device)
+    bind_model(state)
+    if args.pause:
+        nsml.paused(scope=locals())
+    if args.mode == "train":
+        train(state, args)
+    elif not IS_ON_NSML:
+        local_submission(state, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

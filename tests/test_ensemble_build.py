@@ -1,0 +1,99 @@
+"""ensemble.build: member checks (split, leakage), train subsampling, the CLI."""
+import json
+
+import numpy as np
+import pytest
+
+from ensemble.build import BuildOptions, MemberCheckError, build_bundle, check_members, main, train_ids_for
+from ensemble.bundle import Bundle
+from ensemble.members import open_member
+
+
+def _run(env, name, **kw):
+    return open_member(env.make_run(name, **kw), extractor=env.extractor, cache_dir=env.root / "cache")
+
+
+def _file_member(env, name, meta=None):
+    """A FileMember holding descriptors for every train image, named by id."""
+    ids = sorted(p.relative_to(env.data / "train" / "train_data").as_posix()
+                 for p in (env.data / "train" / "train_data").glob("*/*.png"))
+    rng = np.random.default_rng(len(name))
+    np.save(env.root / f"{name}.npy", rng.normal(size=(len(ids), 4)).astype(np.float32))
+    (env.root / f"{name}.txt").write_text("\n".join(ids) + "\n")
+    if meta is not None:
+        (env.root / f"{name}.meta.json").write_text(json.dumps(meta))
+    return env.root / f"{name}.npy"
+
+
+def test_leakage_is_refused_naming_member_and_classes(ens_env):
+    held = ens_env.split.heldout_classes
+    leaky = _run(ens_env, "leaky", classes=list(ens_env.split.train_classes) + [held[0]])
+    ok = _run(ens_env, "fine")
+    with pytest.raises(MemberCheckError, match=rf"member leaky was trained on 1 held-out classes.*{held[0]}"):
+        check_members([ok, leaky], ens_env.split)
+    with pytest.raises(MemberCheckError, match="leaky"):
+        build_bundle([ok, leaky], ens_env.data, ens_env.split, ens_env.root / "B", BuildOptions(progress=False))
+    assert not (ens_env.root / "B").exists() and ens_env.extractor.calls == 0
+
+
+def test_members_on_different_splits_are_refused(ens_env):
+    a = _run(ens_env, "a")
+    b = _run(ens_env, "b", split_hash="0123456789abcdef")
+    with pytest.raises(MemberCheckError, match=r"different held-out splits: a=\w+, b=0123456789abcdef"):
+        check_members([a, b], ens_env.split)
+    with pytest.raises(MemberCheckError, match="member b was trained on held-out split 0123456789abcdef"):
+        check_members([b], ens_env.split)
+    no_split = _run(ens_env, "c", split_hash=None)
+    with pytest.raises(MemberCheckError, match="member c: no split_hash"):
+        check_members([a, no_split], ens_env.split)
+
+
+@pytest.mark.filterwarnings("ignore:member ext. train classes unknown")
+def test_file_member_without_split_is_allowed_with_a_warning(ens_env):
+    f = open_member(_file_member(ens_env, "ext"))
+    with pytest.warns(UserWarning, match="member ext: no split_hash"):
+        check_members([_run(ens_env, "a"), f], ens_env.split)
+    with pytest.raises(MemberCheckError, match="member ext: no split_hash"):
+        check_members([f], ens_env.split, allow_unknown_split=False)
+    declared = open_member(_file_member(ens_env, "dec", {"split_hash": ens_env.split.hash,
+                                                         "train_classes": list(ens_env.split.heldout_classes)}))
+    with pytest.raises(MemberCheckError, match="member dec was trained on 2 held-out classes"):
+        check_members([declared], ens_env.split)
+
+
+def test_train_subsample_is_seeded_and_train_classes_only(ens_env):
+    a = train_ids_for(ens_env.data, ens_env.split, 7, seed=3)
+    assert a == train_ids_for(ens_env.data, ens_env.split, 7, seed=3) and len(a) == 7
+    assert {i.split("/")[0] for i in a} <= set(ens_env.split.train_classes)
+    assert len(train_ids_for(ens_env.data, ens_env.split, None, 0)) == 4 * len(ens_env.split.train_classes)
+
+
+def test_unreadable_heldout_image_is_left_out_and_reported(ens_env):
+    bad = ens_env.data / "train" / "train_data" / ens_env.split.reference_ids[0]
+    bad.write_bytes(b"")
+    with pytest.warns(UserWarning):
+        bundle, summary = build_bundle([_run(ens_env, "a")], ens_env.data, ens_env.split, ens_env.root / "B",
+                                       BuildOptions(progress=False))
+    assert summary.unreadable == [str(bad)]
+    assert bundle.ids["reference"] == list(ens_env.split.reference_ids[1:])
+    assert bundle.heldout_set().reference[0].shape[0] == len(ens_env.split.reference_ids) - 1
+
+
+def test_cli_builds_from_descriptor_files_and_refuses_leakage(ens_env, capsys):
+    split_path = ens_env.root / "split.json"
+    ens_env.split.save(split_path)
+    meta = {"split_hash": ens_env.split.hash, "train_classes": list(ens_env.split.train_classes)}
+    m1, m2 = _file_member(ens_env, "one", meta), _file_member(ens_env, "two22", meta)
+    out = ens_env.root / "bundle"
+    rc = main(["--members", str(m1), str(m2), "--weights", "1", "3", "--data", str(ens_env.data),
+               "--out", str(out), "--split", str(split_path), "--max-train-images", "9", "--no-progress"])
+    assert rc == 0
+    assert capsys.readouterr().out.strip().startswith(f"bundle {out}: 2 members")
+    b = Bundle.load(out)
+    assert b.post.weights == [1.0, 3.0] and len(b.ids["train"]) == 9 and b.member_names == ["one", "two22"]
+    leak = {"split_hash": ens_env.split.hash, "train_classes": list(ens_env.split.heldout_classes[:1])}
+    m3 = _file_member(ens_env, "three", leak)
+    rc = main(["--members", str(m1), str(m3), "--data", str(ens_env.data), "--out", str(ens_env.root / "x"),
+               "--split", str(split_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "member three" in err and ens_env.split.heldout_classes[0] in err

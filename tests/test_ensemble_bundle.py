@@ -1,0 +1,120 @@
+"""Ensemble bundle: round trip, integrity checks, held-out set, post-processing refit."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ensemble.build import BuildOptions, build_bundle
+from ensemble.bundle import Bundle, BundleError
+from ensemble.members import open_member
+from ensemble.postprocess import PostProcessing, fit_whitening_for
+from rerank import RerankParams
+
+
+def _members(env):
+    a = open_member(env.make_run("a", dim=8, seed=1), extractor=env.extractor, cache_dir=env.root / "cache")
+    b = open_member(env.make_run("b", dim=5, seed=2), extractor=env.extractor, cache_dir=env.root / "cache")
+    return [a, b]
+
+
+def _build(env, out="B", **opt):
+    opt.setdefault("progress", False)
+    bundle, summary = build_bundle(_members(env), env.data, env.split, env.root / out, BuildOptions(**opt))
+    return bundle, summary
+
+
+def test_build_writes_a_bundle_that_round_trips_bit_exactly(ens_env):
+    bundle, summary = _build(ens_env)
+    assert "2 members" in summary.line() and summary.n_query == len(ens_env.split.query_ids)
+    path = ens_env.root / "B"
+    assert {p.name for p in path.iterdir()} >= {"manifest.json", "ensemble.json", "postprocessing.json",
+                                                 "split.json", "descriptors", "members"}
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert {"torch", "timm", "numpy", "faiss"} <= set(manifest["packages"])
+    assert "members/00_a/model.safetensors" in manifest["files"]
+    assert all(not os.path.isabs(f) for f in manifest["files"])
+    loaded = Bundle.load(path)
+    assert loaded.ids == bundle.ids and loaded.split == ens_env.split
+    assert loaded.post.to_dict() == PostProcessing().to_dict()
+    for d0, d1 in zip(bundle.descriptors, loaded.descriptors):
+        for s in ("query", "reference", "train"):
+            assert d1[s].dtype == np.float16 and np.array_equal(d0[s], d1[s])
+    assert loaded.member_specs == bundle.member_specs
+    assert not [p for p in ens_env.root.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_heldout_set_shapes_and_labels(ens_env):
+    bundle, _ = _build(ens_env, max_train_images=10)
+    hs = bundle.heldout_set()
+    split = ens_env.split
+    assert hs.member_names == ["a", "b"]
+    assert [q.shape for q in hs.query] == [(len(split.query_ids), 8), (len(split.query_ids), 5)]
+    assert [r.shape for r in hs.reference] == [(len(split.reference_ids), 8), (len(split.reference_ids), 5)]
+    assert [t.shape for t in hs.train] == [(10, 8), (10, 5)]
+    assert hs.query_labels.tolist() == [i.split("/")[0] for i in split.query_ids]
+    assert set(hs.reference_labels) == set(split.heldout_classes)
+    assert not set(c.split("/")[0] for c in bundle.ids["train"]) & set(split.heldout_classes)
+    assert np.allclose(np.linalg.norm(hs.query[0], axis=1), 1.0, atol=1e-6)
+
+
+def test_set_postprocessing_refits_whitening_and_persists(ens_env):
+    bundle, _ = _build(ens_env)
+    post = PostProcessing(weights=[2.0, 1.0], whiten=True, whiten_dim=6, whiten_power=0.5,
+                          rerank=RerankParams(aqe_n=2))
+    bundle.set_postprocessing(post)
+    expected = fit_whitening_for(bundle.heldout_set().train, post)
+    assert np.array_equal(bundle.whitening.components, expected.components)
+    loaded = Bundle.load(ens_env.root / "B")
+    assert loaded.post.to_dict() == post.to_dict()
+    for k, v in expected.to_arrays().items():
+        assert np.array_equal(loaded.whitening.to_arrays()[k], v)
+    loaded.set_postprocessing(PostProcessing())  # whitening off again: the file goes away
+    assert Bundle.load(ens_env.root / "B").whitening is None
+    assert not (ens_env.root / "B" / "whitening.safetensors").exists()
+
+
+def test_a_flipped_byte_is_detected_and_named(ens_env):
+    _build(ens_env)
+    f = ens_env.root / "B" / "members" / "01_b" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="corrupt file members/01_b/model.safetensors"):
+        Bundle.load(ens_env.root / "B")
+
+
+def test_a_missing_file_is_named(ens_env):
+    _build(ens_env)
+    (ens_env.root / "B" / "descriptors" / "00_a.safetensors").unlink()
+    with pytest.raises(BundleError, match="missing file descriptors/00_a.safetensors"):
+        Bundle.load(ens_env.root / "B")
+    (ens_env.root / "B" / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="missing file manifest.json"):
+        Bundle.load(ens_env.root / "B")
+
+
+def test_bundle_is_relocatable_and_ranks(ens_env):
+    bundle, _ = _build(ens_env)
+    bundle.set_postprocessing(PostProcessing(whiten=True, whiten_power=1.0))
+    moved = ens_env.root / "elsewhere" / "nsml_model"
+    moved.parent.mkdir()
+    os.rename(ens_env.root / "B", moved)
+    loaded = Bundle.load(moved)
+    ens = loaded.ensemble(device="cpu", extractor=ens_env.extractor)
+    root = ens_env.data / "train" / "train_data"
+    queries = [root / i for i in ens_env.split.query_ids]
+    refs = [root / i for i in ens_env.split.reference_ids]
+    ranking = ens.rank(queries, refs, top_k=3)
+    assert ranking.indices.shape == (len(queries), 3)
+    # the ensemble reproduces the cached held-out descriptors it was tuned on
+    desc, ok = ens.describe(queries)
+    from ensemble.postprocess import ensemble_descriptors
+    hs = loaded.heldout_set()
+    tuned = ensemble_descriptors(hs.query, loaded.post, loaded.whitening)
+    assert ok.all() and np.allclose(desc, tuned, atol=5e-3)
+    # re-saving over an existing bundle swaps it in place; saving elsewhere writes a copy
+    loaded.save(moved)
+    assert Bundle.load(moved).ids == loaded.ids
+    copy = loaded.save(ens_env.root / "nsml_dir" / "bundle")
+    assert loaded.path == moved and Bundle.load(copy).member_specs == loaded.member_specs

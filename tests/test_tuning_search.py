@@ -1,0 +1,198 @@
+"""tuning.search: short studies, resume after a killed worker, two workers on one storage, the CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import save_tuning_heldout
+from tuning.objective import DEFAULTS_ATTR, WORKER_ATTR, default_params
+from tuning.search import SearchConfig, main, recover_stale_trials, run_search
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+ROOT = Path(__file__).resolve().parents[1]
+
+# A worker process: loads the held-out .npz, optionally slows each evaluation down, waits for a
+# "go" file (so several workers start together), then runs run_search on the shared storage.
+WORKER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import numpy as np, optuna
+    import tuning.objective as obj
+    from tuning.heldout import HeldoutSet
+    from tuning.search import SearchConfig, run_search
+    npz, storage, n_trials, seed, delay, go = sys.argv[1:7]
+    z = np.load(npz)
+    n = len(z["member_names"])
+    h = HeldoutSet([str(s) for s in z["member_names"]], [z[f"query{i}"] for i in range(n)],
+                   [z[f"reference{i}"] for i in range(n)], [z[f"train{i}"] for i in range(n)],
+                   z["query_labels"], z["reference_labels"])
+    slow = obj.evaluate
+    def evaluate(*a, **k):
+        time.sleep(float(delay))
+        return slow(*a, **k)
+    obj.evaluate = evaluate
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    print("ready", flush=True)
+    while go != "-" and not Path(go).exists():
+        time.sleep(0.05)
+    run_search(h, SearchConfig(n_trials=int(n_trials), seed=int(seed)), storage=storage, study_name="s")
+""")
+
+
+def _worker(tmp_path, heldout, storage, n_trials, seed, delay=0.0, go="-"):
+    npz = tmp_path / "heldout.npz"
+    if not npz.exists():
+        save_tuning_heldout(heldout, npz)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, str(script), str(npz), storage, str(n_trials), str(seed),
+                             str(delay), str(go)], env=env, stdout=subprocess.PIPE, text=True)
+
+
+def _states(study):
+    return [t.state for t in study.get_trials(deepcopy=False)]
+
+
+def test_short_study_starts_with_defaults_and_never_ends_below_them(tuning_heldout, tmp_path):
+    r = run_search(tuning_heldout, SearchConfig(n_trials=10, seed=0), storage=f"sqlite:///{tmp_path}/s.db")
+    first = r.study.trials[0]
+    assert first.user_attrs[DEFAULTS_ATTR] and first.params == default_params(["a", "b"], SearchConfig().space)
+    assert first.value == pytest.approx(r.defaults_value)
+    assert r.n_complete == 10 and r.best_value >= r.defaults_value
+    assert r.best_value > r.defaults_value  # on this fixture some post-processing helps
+    assert "recall_at_1" in r.study.best_trial.user_attrs
+    assert set(r.check_best) == {"map_at_k", "recall_at_1"} and set(r.check_defaults) == set(r.check_best)
+    assert not set(r.search_classes) & set(r.check_classes)
+    # resuming a finished study runs nothing and enqueues no second defaults trial
+    again = run_search(tuning_heldout, SearchConfig(n_trials=10, seed=0), storage=f"sqlite:///{tmp_path}/s.db")
+    assert len(again.study.trials) == 10 and again.best_value == r.best_value
+    more = run_search(tuning_heldout, SearchConfig(n_trials=13, seed=1), storage=f"sqlite:///{tmp_path}/s.db")
+    assert more.n_complete == 13 and sum(bool(t.user_attrs.get(DEFAULTS_ATTR)) for t in more.study.trials) == 1
+
+
+def test_stale_running_trial_of_a_dead_worker_is_failed_and_requeued(tuning_heldout, tmp_path):
+    storage = f"journal:{tmp_path}/journal.log"
+    run_search(tuning_heldout, SearchConfig(n_trials=3), storage=storage, study_name="s")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    study = optuna.load_study(study_name="s", storage=run_search.__globals__["open_storage"](storage))
+    trial = study.ask()
+    trial.suggest_int("dba_n", 0, 10)
+    trial.set_user_attr(WORKER_ATTR, f"{os.uname().nodename}:{dead.pid}")
+    alive = study.ask()  # a live worker's trial (this process) is left alone
+    alive.set_user_attr(WORKER_ATTR, f"{os.uname().nodename}:{os.getpid()}")
+    assert recover_stale_trials(study) == [trial.number]
+    assert study.trials[trial.number].state == TrialState.FAIL
+    study.tell(alive, 0.0)
+    r = run_search(tuning_heldout, SearchConfig(n_trials=6), storage=storage, study_name="s")
+    retry = [t for t in r.study.trials if t.user_attrs.get("retry_of") == trial.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params["dba_n"] == trial.params["dba_n"]
+    assert r.n_complete == 6 and TrialState.RUNNING not in _states(r.study)
+
+
+def test_killed_worker_process_resumes_with_no_trial_lost(tuning_heldout, tmp_path):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    proc = _worker(tmp_path, tuning_heldout, storage, n_trials=100, seed=0, delay=1.0)
+    study, deadline = None, time.time() + 60
+    while time.time() < deadline:  # wait until the worker is inside a trial, after 2 completed ones
+        time.sleep(0.1)
+        try:
+            study = optuna.load_study(study_name="s", storage=storage)
+        except KeyError:
+            continue
+        states = _states(study)
+        if states.count(TrialState.COMPLETE) >= 2 and TrialState.RUNNING in states:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = [t for t in study.get_trials() if t.state == TrialState.RUNNING]
+    assert len(killed) == 1
+    r = run_search(tuning_heldout, SearchConfig(n_trials=6, seed=1), storage=storage, study_name="s")
+    assert r.n_complete == 6 and TrialState.RUNNING not in _states(r.study)
+    assert r.study.trials[killed[0].number].state == TrialState.FAIL
+    retried = [t for t in r.study.trials if t.user_attrs.get("retry_of") == killed[0].number]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert retried[0].params == killed[0].params
+
+
+def test_two_worker_processes_share_one_journal_and_complete_n_trials(tuning_heldout, tmp_path):
+    storage, go, n = f"journal:{tmp_path}/journal.log", tmp_path / "go", 12
+    procs = [_worker(tmp_path, tuning_heldout, storage, n, seed, delay=0.3, go=go) for seed in (1, 2)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    go.touch()
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    study = optuna.load_study(study_name="s", storage=run_search.__globals__["open_storage"](storage))
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == n
+    assert len({t.user_attrs[WORKER_ATTR] for t in complete}) == 2  # both workers contributed
+    assert sum(bool(t.user_attrs.get(DEFAULTS_ATTR)) for t in study.trials) == 1
+    assert TrialState.RUNNING not in _states(study)
+
+
+class FakeBundle:
+    """Stands in for ensemble.bundle.Bundle: a folder, a held-out set, set_postprocessing."""
+
+    heldout = None
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    @classmethod
+    def load(cls, path):
+        return cls(path)
+
+    def heldout_set(self):
+        return FakeBundle.heldout
+
+    def set_postprocessing(self, post):
+        (self.path / "postprocessing.json").write_text(json.dumps(post.to_dict()))
+
+
+def test_cli_writes_best_parameters_into_the_bundle_and_a_report(tuning_heldout, tmp_path, monkeypatch, capsys):
+    import ensemble.postprocess as pp
+    import types
+
+    FakeBundle.heldout = tuning_heldout
+    monkeypatch.setitem(sys.modules, "ensemble.bundle", types.SimpleNamespace(Bundle=FakeBundle))
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    assert main(["--bundle", str(bundle), "--trials", "8", "--seed", "3", "--no-kreciprocal"]) == 0
+    assert "best trial" in capsys.readouterr().out
+    saved = pp.PostProcessing.from_dict(json.loads((bundle / "postprocessing.json").read_text()))
+    report = json.loads((tmp_path / "bundle.tuning" / "report.json").read_text())
+    assert saved.to_dict() == report["best_post"] and not saved.rerank.use_kreciprocal
+    assert (tmp_path / "bundle.tuning" / "study.db").exists() and report["n_complete"] == 8
+    for name in ("report.md", "report.html", "optimization_history.png", "slice.png"):
+        assert (tmp_path / "bundle.tuning" / name).stat().st_size > 0
+    assert "defaults" in (tmp_path / "bundle.tuning" / "report.md").read_text()
+
+
+def test_cli_on_a_real_bundle(ens_env):
+    """End to end with ensemble.bundle: the rewritten bundle loads and carries the best parameters."""
+    from ensemble.build import BuildOptions, build_bundle
+    from ensemble.bundle import Bundle
+    from ensemble.members import open_member
+
+    members = [open_member(ens_env.make_run(n, dim=8, seed=s), extractor=ens_env.extractor,
+                           cache_dir=ens_env.root / "cache") for n, s in (("a", 1), ("b", 2))]
+    path = ens_env.root / "B"
+    build_bundle(members, ens_env.data, ens_env.split, path, BuildOptions(progress=False))
+    assert main(["--bundle", str(path), "--trials", "6", "--no-report"]) == 0
+    report_dir = ens_env.root / "B.tuning"
+    study = optuna.load_study(study_name="postprocessing", storage=f"sqlite:///{report_dir}/study.db")
+    best = Bundle.load(path).post
+    assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 6
+    from tuning.objective import SearchSpace, post_from_params
+    assert best == post_from_params(study.best_trial.params, ["a", "b"], SearchSpace())

@@ -1,0 +1,218 @@
+"""What one tuning trial computes: post-processing -> held-out rankings -> mAP@k.
+
+``evaluate`` is a pure function of a ``HeldoutSet`` and a ``PostProcessing``; it
+goes through ``ensemble_descriptors`` and ``rerank``, the same code inference
+runs. ``build_objective`` wraps it for Optuna: it maps a trial's parameters onto
+a ``PostProcessing`` (``post_from_params`` is the one decoder, used for the best
+trial too) and keeps the fitted whitenings in a small LRU cache, because the
+eigendecomposition depends on the member weights (and shrinkage) only; whitening
+dim and power are applied from the cached fit.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import optuna
+
+from ensemble.combine import normalize_weights
+from ensemble.postprocess import PostProcessing, ensemble_descriptors, fit_whitening_for
+from ensemble.whitening import Whitening
+from rerank.pipeline import RerankParams, rerank
+from tuning.heldout import HeldoutSet
+from tuning.metrics import mean_average_precision, recall_at_k
+
+DEFAULTS_ATTR = "defaults"      # user attribute of the enqueued untuned trial
+WORKER_ATTR = "worker"          # "host:pid" of the process that ran a trial
+
+
+@dataclass
+class SearchSpace:
+    """Ranges of the searched parameters (see ``suggest_postprocessing``)."""
+
+    weight_low: float = 0.1
+    weight_high: float = 1.0
+    weight_step: float = 0.05     # weights on a grid: whitening cache hits, exact reproduction
+    whiten_dim_min: int = 16
+    whiten_shrinkage: float = 0.1
+    max_dba_n: int = 10
+    max_aqe_n: int = 10
+    alpha_low: float = 0.0
+    alpha_high: float = 5.0
+    kreciprocal: bool = True
+    k1_range: tuple[int, int] = (5, 40)
+    k2_range: tuple[int, int] = (1, 10)
+    lambda_range: tuple[float, float] = (0.05, 0.95)
+
+
+def evaluate(heldout: HeldoutSet, post: PostProcessing, k: int = 1000,
+             whitening: Whitening | None = None, device: str = "cpu") -> dict[str, float]:
+    """Score ``post`` on ``heldout``: ``{"map_at_k": mAP@k, "recall_at_1": R@1}``.
+
+    ``whitening`` is the fit for ``post`` (refitted on ``heldout.train`` when None
+    and ``post.whiten``).
+    """
+    if post.whiten and whitening is None:
+        whitening = fit_whitening_for(heldout.train, post)
+    query = ensemble_descriptors(heldout.query, post, whitening)
+    reference = ensemble_descriptors(heldout.reference, post, whitening)
+    _, indices = rerank(query, reference, post.rerank, top_k=min(k, len(reference)), device=device)
+    return {
+        "map_at_k": mean_average_precision(indices, heldout.query_labels, heldout.reference_labels, k=k),
+        "recall_at_1": recall_at_k(indices, heldout.query_labels, heldout.reference_labels, 1),
+    }
+
+
+class WhiteningCache:
+    """LRU cache of whitening fits keyed by (normalised weights rounded, shrinkage); thread-safe."""
+
+    def __init__(self, train: Sequence[np.ndarray], maxsize: int = 8, decimals: int = 4) -> None:
+        self.train = list(train)
+        self.maxsize = maxsize
+        self.decimals = decimals
+        self.hits = 0
+        self.misses = 0
+        self._fits: OrderedDict[tuple, Whitening] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def key(self, post: PostProcessing) -> tuple:
+        w = normalize_weights(post.weights, len(self.train))
+        return tuple(np.round(w, self.decimals).tolist()), round(float(post.whiten_shrinkage), 6)
+
+    def get(self, post: PostProcessing) -> Whitening | None:
+        """Return the fit for ``post`` (None when whitening is off)."""
+        if not post.whiten:
+            return None
+        key = self.key(post)
+        with self._lock:
+            if key in self._fits:
+                self.hits += 1
+                self._fits.move_to_end(key)
+                return self._fits[key]
+            self.misses += 1
+        fit = fit_whitening_for(self.train, post)  # outside the lock: threads may fit in parallel
+        with self._lock:
+            self._fits[key] = fit
+            while len(self._fits) > self.maxsize:
+                self._fits.popitem(last=False)
+        return fit
+
+
+def max_whiten_dim(heldout: HeldoutSet) -> int:
+    """Largest whitening dim the train set supports: min(n_train - 1, sum d_m)."""
+    return min(len(heldout.train[0]) - 1, sum(t.shape[1] for t in heldout.train))
+
+
+def weight_name(member: str) -> str:
+    return f"weight_{member}"
+
+
+def suggest_postprocessing(trial: optuna.Trial, member_names: Sequence[str], max_dim: int,
+                           space: SearchSpace) -> PostProcessing:
+    """Sample one ``PostProcessing`` from ``space`` (conditional params only when switched on)."""
+    if len(member_names) > 1:
+        for name in member_names:
+            trial.suggest_float(weight_name(name), space.weight_low, space.weight_high, step=space.weight_step)
+    if max_dim >= 2 and trial.suggest_categorical("whiten", [False, True]):
+        trial.suggest_int("whiten_dim", min(space.whiten_dim_min, max_dim), max_dim, log=True)
+        trial.suggest_float("whiten_power", 0.0, 1.0)
+    if trial.suggest_int("dba_n", 0, space.max_dba_n) > 1:
+        trial.suggest_float("dba_alpha", space.alpha_low, space.alpha_high)
+    if trial.suggest_int("aqe_n", 0, space.max_aqe_n) > 0:
+        trial.suggest_float("aqe_alpha", space.alpha_low, space.alpha_high)
+    if space.kreciprocal and trial.suggest_categorical("kreciprocal", [False, True]):
+        trial.suggest_int("k1", *space.k1_range)
+        trial.suggest_int("k2", *space.k2_range)
+        trial.suggest_float("lambda_value", *space.lambda_range)
+    return post_from_params(trial.params, member_names, space)
+
+
+def post_from_params(params: dict[str, Any], member_names: Sequence[str], space: SearchSpace) -> PostProcessing:
+    """Decode a trial's parameters into the ``PostProcessing`` they stand for."""
+    base = RerankParams()
+    weights = None
+    if len(member_names) > 1:
+        weights = [float(params.get(weight_name(n), 1.0)) for n in member_names]
+    whiten = bool(params.get("whiten", False))
+    use_kr = bool(params.get("kreciprocal", False))
+    rr = RerankParams(
+        dba_n=int(params.get("dba_n", 0)),
+        dba_alpha=float(params.get("dba_alpha", base.dba_alpha)),
+        aqe_n=int(params.get("aqe_n", 0)),
+        aqe_alpha=float(params.get("aqe_alpha", base.aqe_alpha)),
+        use_kreciprocal=use_kr,
+        k1=int(params.get("k1", base.k1)),
+        k2=int(params.get("k2", base.k2)),
+        lambda_value=float(params.get("lambda_value", base.lambda_value)),
+    )
+    return PostProcessing(
+        weights=weights,
+        whiten=whiten,
+        whiten_dim=int(params["whiten_dim"]) if whiten and "whiten_dim" in params else None,
+        whiten_power=float(params.get("whiten_power", 1.0)),
+        whiten_shrinkage=space.whiten_shrinkage,
+        rerank=rr,
+    )
+
+
+def default_params(member_names: Sequence[str], space: SearchSpace) -> dict[str, Any]:
+    """Trial parameters of the untuned defaults: equal weights, no whitening, no re-ranking."""
+    params: dict[str, Any] = {}
+    if len(member_names) > 1:
+        params.update({weight_name(n): space.weight_high for n in member_names})
+    params.update({"whiten": False, "dba_n": 0, "aqe_n": 0})
+    if space.kreciprocal:
+        params["kreciprocal"] = False
+    return params
+
+
+def fit_space(space: SearchSpace, n_images: int) -> SearchSpace:
+    """Clamp the k-reciprocal k1/k2 ranges to what ``n_images`` (queries + references) allow."""
+    hi = max(1, n_images - 1)
+    clamp = lambda r: (min(r[0], hi), min(r[1], hi))  # noqa: E731
+    return replace(space, k1_range=clamp(space.k1_range), k2_range=clamp(space.k2_range))
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process, as stored on the trials it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _budget_reached(trial: optuna.Trial, n_trials: int) -> bool:
+    """True when ``n_trials`` trials are complete or running ahead of this one (any worker)."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    ahead = [t for t in trial.study.get_trials(deepcopy=False, states=states)
+             if t.state == optuna.trial.TrialState.COMPLETE or t.number < trial.number]
+    return len(ahead) >= n_trials
+
+
+def build_objective(heldout: HeldoutSet, space: SearchSpace, k: int = 1000,
+                    cache: WhiteningCache | None = None, n_trials: int | None = None,
+                    device: str = "cpu") -> Callable[[optuna.Trial], float]:
+    """Return the Optuna objective: mAP@k of the sampled post-processing on ``heldout``.
+
+    Recall@1 is kept as the ``recall_at_1`` user attribute. With ``n_trials`` set, a
+    trial that would exceed that many completed trials of the whole study (several
+    workers) is pruned and stops its worker, so workers together complete exactly N.
+    """
+    cache = cache if cache is not None else WhiteningCache(heldout.train)
+    max_dim = max_whiten_dim(heldout)
+    space = fit_space(space, len(heldout.query_labels) + len(heldout.reference_labels))
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, worker_id())
+        if n_trials is not None and _budget_reached(trial, n_trials):
+            trial.set_user_attr("pruned_reason", "trial budget reached")
+            trial.study.stop()
+            raise optuna.TrialPruned("trial budget reached")
+        post = suggest_postprocessing(trial, heldout.member_names, max_dim, space)
+        scores = evaluate(heldout, post, k=k, whitening=cache.get(post), device=device)
+        trial.set_user_attr("recall_at_1", scores["recall_at_1"])
+        return scores["map_at_k"]
+
+    return objective
