@@ -30,6 +30,7 @@ except ImportError:  # anywhere else: the local stand-in with the same functions
     IS_ON_NSML = False
 
 from backbones.data import REFERENCE_DIR, QUERY_DIR, image_name, list_images, read_labels
+from backbones.fileio import atomic_write_json
 from tuning.metrics import validate_submission
 from tuning.submit import build_submission, score_submission, write_submission
 
@@ -146,6 +147,7 @@ def local_submission(state: SessionState, args: argparse.Namespace) -> dict | No
                               query_names=[q for _, (q, _) in submission],
                               reference_names=[image_name(p) for p in list_images(root / REFERENCE_DIR)])
     print("local leaderboard: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+    atomic_write_json(out / "scores.json", scores)
     if args.picture:
         from tuning.picture import retrieval_picture
         n = min(args.picture, len(submission))

@@ -1,0 +1,90 @@
+"""main.py as NSML would drive it: train mode writes a checkpoint, test mode with
+--pause 1 loads it and infer returns the exact format; the local score is the
+metrics module's score of the same ranking."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backbones.data import QUERY_DIR, REFERENCE_DIR, image_name, list_images, read_labels
+from backbones.synth import SynthConfig, generate
+from backbones.train import TrainConfig, train
+from tuning.metrics import mean_average_precision, rankings_from_names, recall_at_k
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def nsml_world(tmp_path_factory):
+    """A tiny generated dataset, one tiny trained member, and a train-mode run of main.py."""
+    root = tmp_path_factory.mktemp("nsml")
+    data = root / "data"
+    generate(data, SynthConfig(seed=3, train_classes=8, images_per_class=5, test_classes=3,
+                               queries_per_class=2, references_per_class=3, size=32))
+    run = root / "run"
+    train(TrainConfig(data=str(data), out=str(run), arch="mobilenetv3_small_050", image_size=32, p=4, k=2,
+                      epochs=1, embedding_dim=16, workers=0, progress=False, heldout_fraction=0.4))
+    env = {**os.environ, "KIT_CHECKPOINTS": str(root / "checkpoints"), "KIT_SESSION": "demo"}
+    proc = subprocess.run([sys.executable, "main.py", "--mode", "train", "--data", str(data),
+                           "--members", str(run), "--trials", "3", "--device", "cpu"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return {"root": root, "data": data, "env": env, "checkpoint": root / "checkpoints" / "demo" / "final"}
+
+
+def test_train_mode_writes_an_ensemble_checkpoint(nsml_world):
+    bundle = nsml_world["checkpoint"] / "bundle"
+    assert (bundle / "manifest.json").is_file()
+    report = nsml_world["root"] / "checkpoints" / "demo" / "report.jsonl"
+    assert any("heldout_map" in json.loads(line) for line in report.read_text().splitlines())
+
+
+def test_test_mode_submission_is_valid_and_scored_like_the_metrics_module(nsml_world):
+    data, out = nsml_world["data"], nsml_world["root"] / "submission"
+    proc = subprocess.run([sys.executable, "main.py", "--mode", "test", "--pause", "1", "--data", str(data),
+                           "--checkpoint", str(nsml_world["checkpoint"]), "--out", str(out), "--device", "cpu"],
+                          cwd=REPO, env=nsml_world["env"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "local leaderboard: mAP@1000" in proc.stdout
+    submission = json.loads((out / "submission.json").read_text())
+    queries = [image_name(p) for p in list_images(data / QUERY_DIR)]
+    refs = [image_name(p) for p in list_images(data / REFERENCE_DIR)]
+    assert sorted(submission) == sorted(queries)
+    for ranked in submission.values():  # every reference once (fewer than 1000 exist)
+        assert sorted(ranked) == sorted(refs)
+    labels = read_labels(data)
+    rankings = rankings_from_names(submission, queries, refs)
+    q_labels = [labels["query"][q] for q in queries]
+    r_labels = [labels["reference"][r] for r in refs]
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["mAP@1000"] == pytest.approx(mean_average_precision(rankings, q_labels, r_labels, k=1000))
+    assert scores["Recall@1"] == pytest.approx(recall_at_k(rankings, q_labels, r_labels, 1))
+    assert (out / "retrieval.png").is_file() and (out / "submission.csv").is_file()
+
+
+def test_infer_returns_the_exact_nsml_format_and_never_a_duplicate(nsml_world, monkeypatch):
+    import main
+    from ensemble.model import Ensemble, Ranking
+    from tuning import nsml_local
+    data = nsml_world["data"]
+    state = main.SessionState(str(data), top_k=1000, device="cpu")
+    main.bind_model(state)
+    nsml_local._bound["load"](str(nsml_world["checkpoint"]))
+    query_paths = [str(p) for p in list_images(data / QUERY_DIR)]
+    result = nsml_local.infer(query_paths)
+    n_refs = len(list_images(data / REFERENCE_DIR))
+    assert [i for i, _ in result] == list(range(len(query_paths)))
+    for (i, (name, ranked)), path in zip(result, query_paths):
+        assert isinstance(name, str) and name == image_name(path) and isinstance(ranked, list)
+        assert len(ranked) == n_refs == len(set(ranked))
+    # a ranker gone wrong (duplicates, out-of-range ids) still cannot produce an invalid list
+    broken = np.tile(np.array([0, 0, 99, -1]), (len(query_paths), 1))
+    monkeypatch.setattr(Ensemble, "rank", lambda self, q, r, top_k=1000, **kw: Ranking(broken, broken * 0.0))
+    for _, (_, ranked) in nsml_local.infer(query_paths):
+        assert len(ranked) == n_refs == len(set(ranked))

@@ -1,0 +1,278 @@
+"""The whole recipe in one command: data, split, members, ensemble, tuning, local
+submission, and a table of what each stage adds.
+
+    python -m tuning.recipe --out runs/demo                 # embedded generated data
+    python -m tuning.recipe --out runs/real --data DATASET  # a dataset in the hackathon layout
+
+Every step writes its result into OUT and is skipped when it is already there, so an
+interrupted run picks up where it stopped (a member's training resumes mid-run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from backbones.data import QUERY_DIR, REFERENCE_DIR, image_name, list_images, read_labels, scan_train
+from backbones.fileio import atomic_write_json, atomic_write_text
+from ensemble.postprocess import PostProcessing
+from rerank.pipeline import RerankParams
+from tuning.heldout import HeldoutSet
+from tuning.objective import evaluate
+from tuning.split import HoldoutSplit, make_split
+
+
+@dataclass
+class MemberSpec:
+    """One backbone to train: its name in the ensemble and its TrainConfig fields."""
+
+    name: str
+    arch: str
+    options: dict = field(default_factory=dict)   # any backbones.train.TrainConfig field
+
+
+# Three small, different architectures that train in about a minute each on 2 CPU cores.
+DEMO_MEMBERS = [
+    MemberSpec("resnet", "resnet10t", {"image_size": 64, "epochs": 12, "lr": 3e-3, "embedding_dim": 128}),
+    MemberSpec("mobilenet", "mobilenetv3_small_100", {"image_size": 64, "epochs": 12, "lr": 3e-3,
+                                                      "embedding_dim": 128, "head": "cosface"}),
+    MemberSpec("efficientnet", "efficientnet_b0", {"image_size": 64, "epochs": 8, "lr": 3e-3,
+                                                   "embedding_dim": 128}),
+]
+
+
+@dataclass
+class RecipeConfig:
+    """What the recipe runs; ``data`` None generates the embedded default dataset."""
+
+    out: str = "runs/demo"
+    data: str | None = None
+    members: list[MemberSpec] = field(default_factory=lambda: list(DEMO_MEMBERS))
+    heldout: float = 0.3
+    seed: int = 0
+    trials: int = 40
+    device: str = "auto"
+    workers: int = 0
+    batch_size: int = 32
+    k: int = 1000
+
+
+def _say(msg: str) -> None:
+    print(f"[recipe] {msg}", flush=True)
+
+
+def prepare_data(cfg: RecipeConfig) -> Path:
+    """Return the dataset root, generating the embedded default under OUT/data if needed."""
+    if cfg.data:
+        return Path(cfg.data)
+    from backbones.synth import SynthConfig, generate
+    root = Path(cfg.out) / "data"
+    if not (root / "test" / "labels.csv").is_file():
+        summary = generate(root, SynthConfig(seed=cfg.seed, overwrite=root.exists()))
+        _say(f"generated {summary['images']} images in {root}")
+    return root
+
+
+def prepare_split(cfg: RecipeConfig, data: Path) -> Path:
+    """Write (once) and return OUT/split.json, the held-out split every member shares."""
+    path = Path(cfg.out) / "split.json"
+    if not path.is_file():
+        make_split(scan_train(data), cfg.heldout, seed=cfg.seed).save(path)
+    split = HoldoutSplit.load(path)
+    _say(f"split {split.hash}: {len(split.train_classes)} train classes, {len(split.heldout_classes)} held out")
+    return path
+
+
+def train_members(cfg: RecipeConfig, data: Path, split_path: Path) -> dict[str, dict]:
+    """Train (or resume, or skip) every member; return {name: {"run_dir", "seconds", ...}}."""
+    from backbones.train import TrainConfig, train
+    done: dict[str, dict] = {}
+    for i, spec in enumerate(cfg.members):
+        run_dir = Path(cfg.out) / "members" / spec.name
+        marker = run_dir / "recipe_done.json"
+        if marker.is_file():
+            done[spec.name] = json.loads(marker.read_text())
+            continue
+        options = {"batch_size": cfg.batch_size, "workers": cfg.workers, "device": cfg.device,
+                   "seed": cfg.seed + i, **spec.options}
+        tc = TrainConfig(data=str(data), out=str(run_dir), arch=spec.arch, holdout=str(split_path),
+                         resume=(run_dir / "last").is_dir(), **options)
+        _say(f"training member {spec.name} ({spec.arch})" + (" - resuming" if tc.resume else ""))
+        t0 = time.time()
+        result = train(tc)
+        info = {"run_dir": str(run_dir), "seconds": round(time.time() - t0, 1), "arch": spec.arch,
+                "best": result.get("best")}
+        atomic_write_json(marker, info)
+        done[spec.name] = info
+    return done
+
+
+def build_and_tune(cfg: RecipeConfig, data: Path, members: dict[str, dict]) -> Path:
+    """Build the ensemble checkpoint OUT/bundle (once) and run the tuning study on it."""
+    from ensemble.build import BuildConfig, build_from_paths
+    from ensemble.bundle import is_bundle
+    from tuning.search import SearchConfig, tune_bundle
+    bundle_dir = Path(cfg.out) / "bundle"
+    if not is_bundle(bundle_dir):
+        _, summary = build_from_paths([members[m.name]["run_dir"] for m in cfg.members], data, bundle_dir,
+                                      BuildConfig(device=cfg.device, seed=cfg.seed, progress=False))
+        _say(summary.line())
+    if cfg.trials > 0:
+        result = tune_bundle(bundle_dir, SearchConfig(n_trials=cfg.trials, seed=cfg.seed))
+        _say(f"tuned: held-out search half mAP@{cfg.k} {result.best_value:.4f} "
+             f"(defaults {result.defaults_value:.4f}); check half {result.check_best['map_at_k']:.4f} "
+             f"(defaults {result.check_defaults['map_at_k']:.4f})")
+    return bundle_dir
+
+
+def test_set(bundle, data: Path, cache_dir: Path, device: str) -> HeldoutSet:
+    """Member descriptors of the test queries and references, as a HeldoutSet scored like the held-out one."""
+    labels = read_labels(data)
+    ensemble = bundle.ensemble(device=device, cache_dir=cache_dir)
+    query_paths, ref_paths = list_images(data / QUERY_DIR), list_images(data / REFERENCE_DIR)
+    query, q_ok = ensemble.member_descriptors(query_paths, set_name="test-query")
+    reference, r_ok = ensemble.member_descriptors(ref_paths, set_name="test-reference")
+    q_labels = [labels["query"][image_name(p)] for p, ok in zip(query_paths, q_ok) if ok]
+    r_labels = [labels["reference"][image_name(p)] for p, ok in zip(ref_paths, r_ok) if ok]
+    return HeldoutSet(bundle.member_names, query, reference, bundle.train_descriptors(), q_labels, r_labels)
+
+
+def stage_rows(member_names: list[str], tuned: PostProcessing, n_images: int) -> dict[str, PostProcessing]:
+    """The table's rows: each member alone, then the ensemble with one more stage each, then tuned."""
+    n = len(member_names)
+    rows = {f"{name} alone": PostProcessing(weights=[float(i == j) for j in range(n)])
+            for i, name in enumerate(member_names)}
+    rows["ensemble, equal weights"] = PostProcessing()
+    whitened = PostProcessing(whiten=True, whiten_power=0.5)
+    rows["+ PCA-whitening"] = whitened
+    expanded = replace(whitened, rerank=RerankParams(dba_n=1, dba_alpha=3.0, aqe_n=2, aqe_alpha=3.0))
+    rows["+ DBA/aQE"] = expanded
+    k1 = max(2, min(20, n_images // 4))
+    rows["+ k-reciprocal (defaults)"] = replace(expanded, rerank=replace(
+        expanded.rerank, use_kreciprocal=True, k1=k1, k2=min(6, k1)))
+    rows["tuned"] = tuned
+    return rows
+
+
+def score_rows(rows: dict[str, PostProcessing], heldout: HeldoutSet, test: HeldoutSet | None,
+               k: int) -> list[dict]:
+    """Score every row on the held-out split and (when given) the test set."""
+    table = []
+    for name, post in rows.items():
+        t0 = time.time()
+        row = {"row": name, "heldout_map": evaluate(heldout, post, k=k)["map_at_k"]}
+        if test is not None:
+            scores = evaluate(test, post, k=k)
+            row.update(test_map=scores["map_at_k"], test_recall_at_1=scores["recall_at_1"])
+        row["seconds"] = round(time.time() - t0, 2)
+        table.append(row)
+    return table
+
+
+def local_submission(cfg: RecipeConfig, data: Path, bundle_dir: Path) -> dict | None:
+    """Run the NSML entry point's local submission in a subprocess; return its scores."""
+    out = Path(cfg.out) / "submission"
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "main.py"), "--mode", "test",
+           "--pause", "1", "--data", str(data), "--checkpoint", str(bundle_dir), "--out", str(out),
+           "--device", cfg.device]
+    _say("local submission: " + " ".join(cmd[1:]))
+    subprocess.run(cmd, check=True)
+    scores = out / "scores.json"
+    return json.loads(scores.read_text()) if scores.is_file() else None
+
+
+def format_table(table: list[dict], k: int) -> str:
+    """A markdown table of the rows."""
+    has_test = "test_map" in table[0]
+    head = f"| row | held-out mAP@{k} |" + (f" test mAP@{k} | test Recall@1 |" if has_test else "") + " time (s) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in table:
+        cells = [r["row"], f"{r['heldout_map']:.4f}"]
+        if has_test:
+            cells += [f"{r['test_map']:.4f}", f"{r['test_recall_at_1']:.4f}"]
+        cells.append(f"{r['seconds']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_table(table: list[dict], path: Path, k: int) -> None:
+    """A horizontal bar chart of held-out and test mAP@k per row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [r["row"] for r in table][::-1]
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+    ax.barh(y + 0.2, [r["heldout_map"] for r in table][::-1], height=0.4, label="held-out")
+    if "test_map" in table[0]:
+        ax.barh(y - 0.2, [r["test_map"] for r in table][::-1], height=0.4, label="test")
+    ax.set_yticks(y, names)
+    ax.set_xlabel(f"mAP@{k}")
+    ax.set_xlim(0, 1)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_recipe(cfg: RecipeConfig) -> list[dict]:
+    """Run every step (skipping finished ones); return the table rows and write OUT/results.*."""
+    from ensemble.bundle import Bundle
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    data = prepare_data(cfg)
+    split_path = prepare_split(cfg, data)
+    members = train_members(cfg, data, split_path)
+    bundle_dir = build_and_tune(cfg, data, members)
+    bundle = Bundle.load(bundle_dir)
+    heldout = bundle.heldout_set()
+    has_labels = (data / "test" / "labels.csv").is_file()
+    test = test_set(bundle, data, out / "cache", cfg.device) if has_labels else None
+    n_images = min(len(heldout.reference_labels), len(test.reference_labels) if test else 10**9)
+    table = score_rows(stage_rows(bundle.member_names, bundle.post, n_images), heldout, test, cfg.k)
+    for r in table:
+        name = r["row"].removesuffix(" alone")
+        if name in members:
+            r["train_seconds"] = members[name]["seconds"]
+    submitted = local_submission(cfg, data, bundle_dir)
+    results = {"config": asdict(cfg), "data": str(data), "table": table, "submission": submitted,
+               "tuned_post": bundle.post.to_dict(), "seconds": round(time.time() - t0, 1)}
+    atomic_write_json(out / "results.json", results)
+    text = format_table(table, cfg.k)
+    atomic_write_text(out / "results.md", text + "\n")
+    plot_table(table, out / "results.png", cfg.k)
+    print("\n" + text)
+    if submitted:
+        print(f"\nlocal submission of the tuned checkpoint: mAP@1000 {submitted['mAP@1000']:.4f}, "
+              f"Recall@1 {submitted['Recall@1']:.4f} (the 'tuned' row's test column, through main.py)")
+    print(f"\nresults in {out}/results.{{md,json,png}}; total {time.time() - t0:.0f} s")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tuning.recipe", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/demo", help="output folder (re-running resumes)")
+    ap.add_argument("--data", help="dataset root (default: generate the embedded default)")
+    ap.add_argument("--trials", type=int, default=40, help="Optuna trials")
+    ap.add_argument("--epochs", type=int, help="override every member's epochs")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    args = ap.parse_args(argv)
+    members = [MemberSpec(m.name, m.arch, {**m.options, **({"epochs": args.epochs} if args.epochs else {})})
+               for m in DEMO_MEMBERS]
+    run_recipe(RecipeConfig(out=args.out, data=args.data, members=members, trials=args.trials,
+                            seed=args.seed, device=args.device, workers=args.workers))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
