@@ -14,26 +14,19 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from backbones.baselines import hsv_histogram
 from backbones.synth import SynthConfig, generate
 
 from tuning.metrics import mean_average_precision
-
-
-def hsv_hist(path: Path) -> np.ndarray:
-    """8x8x8 HSV histogram, L2-normalised."""
-    hsv = np.asarray(Image.open(path).convert("RGB").convert("HSV")).reshape(-1, 3) // 32
-    h = np.bincount(hsv[:, 0] * 64 + hsv[:, 1] * 8 + hsv[:, 2], minlength=512).astype(np.float64)
-    return h / np.linalg.norm(h)
 
 
 def evaluate(root: Path, k: int = 1000) -> dict[str, float]:
     rows = list(csv.DictReader(open(root / "test" / "labels.csv")))
     q = [r for r in rows if r["split"] == "query"]
     ref = [r for r in rows if r["split"] == "reference"]
-    fq = np.stack([hsv_hist(root / "test/test_data/query" / f"{r['name']}.jpg") for r in q])
-    fr = np.stack([hsv_hist(root / "test/test_data/reference" / f"{r['name']}.jpg") for r in ref])
+    fq, _ = hsv_histogram([root / "test/test_data/query" / f"{r['name']}.jpg" for r in q])
+    fr, _ = hsv_histogram([root / "test/test_data/reference" / f"{r['name']}.jpg" for r in ref])
     ql, rl = [r["class"] for r in q], [r["class"] for r in ref]
     hist = mean_average_precision(np.argsort(-(fq @ fr.T), axis=1, kind="stable"), ql, rl, k=k)
     rng = np.random.default_rng(0)
