@@ -1,0 +1,116 @@
+"""Run-folder files: weights, config, resumable training state, the JSON-lines log and loss plot.
+
+    RUN_DIR/model.safetensors    best weights by held-out mAP@1000 (EMA weights when EMA is on)
+    RUN_DIR/config.json          how to rebuild the model + split hash, classes, epoch, metrics
+    RUN_DIR/split.json           the held-out split used
+    RUN_DIR/last/model.safetensors, RUN_DIR/last/train_state.pt   resumable state (end of last epoch)
+    RUN_DIR/log.jsonl, RUN_DIR/loss.png
+All writes are atomic (backbones.fileio).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backbones.fileio import atomic_path, atomic_write_json, atomic_write_text
+
+
+def save_weights(path: str | os.PathLike, state: dict[str, torch.Tensor]) -> None:
+    """Write a state dict as safetensors, atomically (tensors copied to contiguous CPU memory)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def rng_state() -> dict:
+    """torch / numpy / python RNG states as tensors and plain types (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+             "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_last(run_dir: Path, net_state: dict[str, torch.Tensor], train_state: dict) -> None:
+    """Write RUN_DIR/last/{model.safetensors,train_state.pt}; train_state last, so it marks completion."""
+    last = run_dir / "last"
+    save_weights(last / "model.safetensors", net_state)
+    with atomic_path(last / "train_state.pt") as tmp:
+        torch.save(train_state, tmp)
+
+
+def load_last(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """Return (network state, train state) from RUN_DIR/last, or None when there is none."""
+    last = run_dir / "last"
+    if not (last / "train_state.pt").is_file():
+        return None
+    state = torch.load(last / "train_state.pt", map_location="cpu", weights_only=True)
+    return load_weights(last / "model.safetensors"), state
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def write_log(run_dir: Path, rows: list[dict]) -> None:
+    """Rewrite RUN_DIR/log.jsonl (one JSON object per epoch) and RUN_DIR/loss.png."""
+    atomic_write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    plot_loss(run_dir / "loss.png", rows)
+
+
+def plot_loss(path: Path, rows: list[dict]) -> None:
+    """Loss per epoch, and held-out mAP@1000 on a second axis when logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    trained = [r for r in rows if r.get("loss") is not None]
+    ax.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], "o-", label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    val = [(r["epoch"], r["val"]["map@1000"]) for r in rows if r.get("val")]
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*val), "s--", color="tab:green", label="held-out mAP@1000")
+        ax2.set_ylabel("held-out mAP@1000")
+        ax2.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def write_config(run_dir: Path, config: dict) -> None:
+    atomic_write_json(run_dir / "config.json", config)

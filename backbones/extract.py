@@ -1,0 +1,225 @@
+"""Descriptor extraction from a trained run (library + CLI).
+
+    python -m backbones.extract --run RUN_DIR --images DIR_OR_LIST --out FILE.npy [--flip] [--scales 1 0.75]
+
+Saves FILE.npy (n_ok, d) float32 L2-normalised, and FILE.txt with the image name of
+each row (unreadable images are skipped and named in a warning).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from backbones.data import LoadReport, UnreadableImage, image_name, is_image_file, list_images
+from backbones.fileio import atomic_path, atomic_write_text
+from backbones.model import RetrievalNet, model_from_spec
+from backbones.transforms import PathDataset, eval_transform, path_collate
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """Map --amp none|bf16|fp16|auto to an autocast dtype (None: full precision)."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp == "none":
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device; use bf16 or none on CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def load_run(run_dir: str | os.PathLike, device: str = "auto") -> tuple[RetrievalNet, dict]:
+    """Rebuild a run's model from RUN_DIR/config.json + model.safetensors; returns (model in eval, config)."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    cfg_path, w_path = run_dir / "config.json", run_dir / "model.safetensors"
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a training run (needs config.json and model.safetensors)")
+    config = json.loads(cfg_path.read_text())
+    model = model_from_spec(config["model"])
+    model.load_state_dict(load_file(str(w_path)), strict=True)
+    model = model.to(resolve_device(device), memory_format=torch.channels_last).eval()
+    model._channels_last = True  # convnets run faster channels-last on CPU and with AMP on GPU
+    return model, config
+
+
+def extract_descriptors(
+    model_or_run_dir: RetrievalNet | str | os.PathLike,
+    paths: Sequence[str | os.PathLike],
+    *,
+    config: dict | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    flip: bool = False,
+    scales: Sequence[float] = (1.0,),
+    workers: int = 0,
+    amp: str = "auto",
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (descriptors (n_ok, d) float32 unit rows in input order, ok (n,) bool mask over ``paths``).
+
+    Unreadable images are skipped with one warning naming each. TTA (flip, scales)
+    averages the unit descriptors of each view and re-normalises. ``config`` gives
+    image_size / crop_pct / model mean+std (a run's config.json). device "auto": the
+    model's own device (a run dir loads onto CUDA when available); amp "auto": bf16 on CUDA.
+    """
+    if isinstance(model_or_run_dir, (str, os.PathLike)):
+        model, run_cfg = load_run(model_or_run_dir, device)
+        config = config or run_cfg
+    else:
+        model = model_or_run_dir
+    config = config or {}
+    spec = config.get("model", {})
+    mean = spec.get("mean", model.spec.mean)
+    std = spec.get("std", model.spec.std)
+    image_size = int(config.get("image_size", 224))
+    crop_pct = float(config.get("crop_pct", 1.0))
+    dev = next(model.parameters()).device if device == "auto" else resolve_device(device)
+    model_dev = next(model.parameters()).device
+    if model_dev != dev:
+        model.to(dev)
+    dtype = autocast_dtype(amp, dev)
+    tfms = [eval_transform(image_size, mean, std, crop_pct, s) for s in scales]
+    loader = DataLoader(PathDataset(paths, tfms), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=path_collate, pin_memory=dev.type == "cuda",
+                        persistent_workers=False)
+    n = len(paths)
+    out = np.zeros((n, model.embedding_dim), dtype=np.float32)
+    ok = np.zeros(n, dtype=bool)
+    report = LoadReport()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for idx, views, failed in tqdm(loader, desc="extract", unit="batch", disable=not progress,
+                                           file=sys.stderr):
+                for i, reason in failed:
+                    report.record_failure(UnreadableImage(os.fspath(paths[i]), reason))
+                if len(idx) == 0:
+                    continue
+                acc = None
+                for x in views:
+                    x = x.to(dev, non_blocking=True)
+                    if getattr(model, "_channels_last", False):
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    for xv in ([x, torch.flip(x, dims=[3])] if flip else [x]):
+                        with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                            d = model(xv).float()
+                        acc = d if acc is None else acc + d
+                acc = torch.nn.functional.normalize(acc, dim=1)
+                rows = idx.numpy()
+                out[rows] = acc.cpu().numpy()
+                ok[rows] = True
+    finally:
+        model.train(was_training)
+        if model_dev != dev:
+            model.to(model_dev)
+    report.loaded = int(ok.sum())
+    return (out if ok.all() else out[ok]), ok
+
+
+def rank_cosine(queries: np.ndarray, references: np.ndarray, k: int = 1000, chunk: int = 1024) -> np.ndarray:
+    """Exact cosine ranking: (n_queries, min(k, n_refs)) reference indices, best first."""
+    k = min(k, len(references))
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for s in range(0, len(queries), chunk):
+        sims = queries[s:s + chunk] @ references.T
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else \
+            np.tile(np.arange(sims.shape[1]), (len(sims), 1))
+        order = np.take_along_axis(sims, part, 1).argsort(axis=1, kind="stable")[:, ::-1]
+        out[s:s + chunk] = np.take_along_axis(part, order, 1)
+    return out
+
+
+def retrieval_scores(queries: np.ndarray, q_labels: Sequence, references: np.ndarray,
+                     r_labels: Sequence, k: int = 1000) -> dict:
+    """Return {"map@1000", "recall@1", "n_query", "n_reference"} of an exact cosine search."""
+    from tuning.metrics import mean_average_precision, recall_at_k
+
+    ranks = rank_cosine(queries, references, k)
+    return {"map@1000": mean_average_precision(ranks, q_labels, r_labels, k=k),
+            "recall@1": recall_at_k(ranks, q_labels, r_labels, 1),
+            "n_query": int(len(queries)), "n_reference": int(len(references))}
+
+
+def evaluate_test(run_dir: str | os.PathLike, dataset: str | os.PathLike, **kw) -> dict:
+    """Score a run on a dataset's test query/reference with test/labels.csv: mAP@1000, Recall@1.
+
+    ``kw`` goes to ``extract_descriptors`` (batch_size, flip, scales, workers, ...).
+    """
+    from backbones.data import labels_for, read_labels, scan_test
+
+    model, config = load_run(run_dir, kw.pop("device", "auto"))
+    test, labels = scan_test(dataset), read_labels(dataset)
+    parts = {}
+    for part, paths in (("query", test.query_paths), ("reference", test.reference_paths)):
+        desc, ok = extract_descriptors(model, paths, config=config, **kw)
+        names = [image_name(p) for p, good in zip(paths, ok) if good]
+        parts[part] = (desc, labels_for(names, labels[part], f"{dataset} {part}"))
+    return retrieval_scores(parts["query"][0], parts["query"][1], parts["reference"][0], parts["reference"][1])
+
+
+def _read_paths(images: str) -> list[Path]:
+    """A folder (its images, sorted) or a text file with one path per line."""
+    p = Path(images)
+    if p.is_dir():
+        return list_images(p)
+    if p.is_file() and not is_image_file(p):
+        lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+        return [Path(ln) if os.path.isabs(ln) else p.parent / ln for ln in lines]
+    raise FileNotFoundError(f"--images {images}: neither a folder nor a list file")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="training run folder (config.json + model.safetensors)")
+    ap.add_argument("--images", help="image folder, or a text file of paths")
+    ap.add_argument("--out", help="output .npy (a .txt of names is written beside it)")
+    ap.add_argument("--evaluate", metavar="DATASET",
+                    help="instead: score the run on DATASET's test split with test/labels.csv")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
+    ap.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    ap.add_argument("--scales", type=float, nargs="+", default=[1.0])
+    ap.add_argument("--workers", type=int, default=2)
+    a = ap.parse_args(argv)
+    if a.evaluate:
+        scores = evaluate_test(a.run, a.evaluate, batch_size=a.batch_size, device=a.device, flip=a.flip,
+                               scales=a.scales, workers=a.workers, amp=a.amp)
+        print(json.dumps(scores))
+        return 0
+    if not (a.images and a.out):
+        ap.error("--images and --out are required (or --evaluate DATASET)")
+    paths = _read_paths(a.images)
+    desc, ok = extract_descriptors(a.run, paths, batch_size=a.batch_size, device=a.device, flip=a.flip,
+                                   scales=a.scales, workers=a.workers, amp=a.amp)
+    out = Path(a.out)
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, desc)
+    names = [image_name(p) for p, good in zip(paths, ok) if good]
+    atomic_write_text(out.with_suffix(".txt"), "".join(n + "\n" for n in names))
+    print(f"{out}: {desc.shape[0]} descriptors of dim {desc.shape[1]} "
+          f"({int((~ok).sum())} unreadable skipped); names in {out.with_suffix('.txt')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

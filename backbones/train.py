@@ -1,0 +1,401 @@
+"""Metric-learning training of a retrieval backbone on the train classes of a held-out split.
+
+    python -m backbones.train --arch efficientnet --data DATASET --out RUN_DIR [options]
+    torchrun --nproc_per_node=N -m backbones.train ...      (DistributedDataParallel)
+
+Under torchrun give --batch-size (and --k), not --p: torchrun's own parser takes --p
+as an abbreviation of its --print-completion. ``--freeze-bn`` keeps the body's
+BatchNorm statistics (needed for weights with fused/identity BN statistics).
+
+Every epoch is a deterministic function of (seed, epoch), and resumable state is
+saved at each epoch's end, so ``--resume`` after a kill ends with the weights of
+an uninterrupted run. See backbones/checkpoint.py for the run-folder files.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from backbones import checkpoint as ckpt
+from backbones.data import scan_train
+from backbones.extract import autocast_dtype, extract_descriptors, resolve_device, retrieval_scores
+from backbones.heads import HEADS, MetricLoss, make_head
+from backbones.model import RetrievalNet, build_model
+from backbones.sampler import PKSampler
+from backbones.transforms import AugmentConfig, TrainDataset, train_collate, train_transform
+from tuning.split import HoldoutSplit, make_split, split_labels
+
+
+@dataclass
+class TrainConfig:
+    """Every training option; the CLI fills one of these (flag --x-y for field x_y)."""
+
+    data: str
+    out: str
+    arch: str = "efficientnet"
+    image_size: int = 224
+    batch_size: int | None = None  # when set, P = batch_size // K
+    p: int = 16
+    k: int = 4
+    epochs: int = 10
+    lr: float = 1e-3
+    body_lr_mult: float = 0.1
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    embedding_dim: int = 512
+    head: str = "arcface"
+    scale: float = 30.0
+    margin: float = 0.3
+    triplet_weight: float = 0.0
+    triplet_margin: float = 0.3
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    hflip: float = 0.5
+    color_jitter: float = 0.2
+    crop_pct: float = 1.0
+    amp: str = "auto"  # auto: bf16 on CUDA, none on CPU
+    channels_last: bool = False
+    grad_accum: int = 1
+    ema: float = 0.0  # EMA decay; 0 disables
+    workers: int = 2
+    seed: int = 0
+    holdout: str | None = None
+    heldout_fraction: float = 0.3
+    val_every: int = 1
+    val_batch_size: int = 64
+    pretrained: str | None = None
+    device: str = "auto"
+    resume: bool = False
+    max_steps: int | None = None
+    stop_after_epoch: int | None = None  # end this invocation after that epoch (resume later)
+    freeze_bn: bool = False  # body BatchNorm layers keep their running statistics (small batches, fused weights)
+    val_at_start: bool = False  # score the initial (e.g. pretrained) weights as epoch 0; they can be the best
+    progress: bool = True
+
+
+class TrainNet(nn.Module):
+    """The retrieval model and its loss in one module, so DDP syncs the head too."""
+
+    def __init__(self, model: RetrievalNet, loss: MetricLoss):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.model(x), y)
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) % 2**62
+
+
+def _dist_setup(device: str) -> tuple[int, int, torch.device]:
+    """Return (rank, world_size, device); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device)
+    if world <= 1:
+        return 0, 1, dev
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), world, dev
+
+
+def _param_groups(model: RetrievalNet, loss: nn.Module, lr: float, body_mult: float, wd: float) -> list[dict]:
+    """Body at lr*body_mult, neck/GeM/head at lr; no weight decay on 1-d tensors (biases, norms, p)."""
+    body, neck = model.param_groups()
+    groups = []
+    for params, group_lr in ((body, lr * body_mult), (neck + list(loss.parameters()), lr)):
+        decay = [p for p in params if p.ndim >= 2 and p.requires_grad]
+        no_decay = [p for p in params if p.ndim < 2 and p.requires_grad]
+        groups += [{"params": decay, "lr": group_lr, "weight_decay": wd},
+                   {"params": no_decay, "lr": group_lr, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+def _get_split(cfg: TrainConfig, index, run_dir: Path, is_main: bool) -> HoldoutSplit:
+    """--holdout file, else the run's own split.json on resume, else a fresh seeded split."""
+    own = run_dir / "split.json"
+    if cfg.holdout:
+        split = HoldoutSplit.load(cfg.holdout)
+    elif cfg.resume and own.is_file():
+        split = HoldoutSplit.load(own)
+    else:
+        split = make_split(index, cfg.heldout_fraction, seed=cfg.seed)
+    split.check_against(index)
+    if is_main:
+        split.save(own)
+    return split
+
+
+def validate(model: RetrievalNet, run_cfg: dict, split: HoldoutSplit, id_to_path: dict, cfg: TrainConfig,
+             device: torch.device) -> dict:
+    """Held-out mAP@1000 / Recall@1 of ``model`` (exact cosine search)."""
+    out = {}
+    for part, ids in (("query", split.query_ids), ("reference", split.reference_ids)):
+        desc, ok = extract_descriptors(model, [id_to_path[i] for i in ids], config=run_cfg, device=str(device),
+                                       batch_size=cfg.val_batch_size, workers=cfg.workers, amp=cfg.amp,
+                                       progress=False)
+        out[part] = (desc, [lab for lab, good in zip(split_labels(ids), ok) if good])
+    return retrieval_scores(out["query"][0], out["query"][1], out["reference"][0], out["reference"][1])
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train; returns {"epoch", "best" (metrics), "bad_images", "images_per_s", "run_dir"}."""
+    rank, world, device = _dist_setup(cfg.device)
+    try:
+        return _train(cfg, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
+    is_main = rank == 0
+    say = print if is_main else (lambda *a, **k: None)
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    p, k = (cfg.batch_size // cfg.k, cfg.k) if cfg.batch_size else (cfg.p, cfg.k)  # torchrun eats --p: use --batch-size
+    if cfg.head not in HEADS:
+        raise ValueError(f"--head must be one of {HEADS}")
+    amp_dtype = autocast_dtype(cfg.amp, device)
+    index = scan_train(cfg.data)
+    split = _get_split(cfg, index, run_dir, is_main)
+    train_index = index.subset(split.train_classes)
+    classes = train_index.classes
+    class_idx = {c: i for i, c in enumerate(classes)}
+    labels = [class_idx[c] for c in train_index.labels]
+    id_to_path = dict(zip(index.ids, index.paths))
+
+    _seed_all(cfg.seed)
+    model = build_model(cfg.arch, cfg.embedding_dim, cfg.pretrained, announce=is_main)
+    loss = MetricLoss(make_head(cfg.head, cfg.embedding_dim, len(classes), cfg.scale, cfg.margin),
+                      cfg.triplet_weight, cfg.triplet_margin)
+    net = TrainNet(model, loss).to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        model._channels_last = True
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema > 0 else None
+    groups = _param_groups(model, loss, cfg.lr, cfg.body_lr_mult, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    elif cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    else:
+        raise ValueError(f"--optimizer must be adamw or sgd, got {cfg.optimizer!r}")
+    sampler = PKSampler(labels, p, k, seed=cfg.seed, rank=rank, world_size=world)
+    steps_per_epoch = max(1, len(sampler) // cfg.grad_accum)
+    total = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(int(cfg.warmup_epochs * steps_per_epoch), total))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    spec = model.spec.to_dict()
+    run_cfg = {"format": 1, "arch": spec["arch"], "arch_requested": cfg.arch, "image_size": cfg.image_size,
+               "crop_pct": cfg.crop_pct, "embedding_dim": cfg.embedding_dim, "mean": spec["mean"],
+               "std": spec["std"], "model": spec, "head": cfg.head, "scale": cfg.scale, "margin": cfg.margin,
+               "split_hash": split.hash, "split_file": "split.json", "train_classes": list(classes), "classes": list(classes),
+               "n_train_images": len(train_index), "pretrained": cfg.pretrained, "ema": cfg.ema,
+               "timm_version": timm.__version__, "train_config": asdict(cfg)}
+
+    start_epoch, best, step, bad, rows = 0, -1.0, 0, {}, []
+    if cfg.resume:
+        got = ckpt.load_last(run_dir)
+        if got is None:
+            say(f"--resume: nothing in {run_dir / 'last'}; starting from epoch 1")
+        else:
+            net_state, st = got
+            if st["split_hash"] != split.hash or st["arch"] != spec["arch"]:
+                raise ValueError(f"--resume: {run_dir} holds a run of {st['arch']} on split {st['split_hash']}, "
+                                 f"not {spec['arch']} on split {split.hash}")
+            net.load_state_dict(net_state)
+            optimizer.load_state_dict(st["optimizer"])
+            scheduler.load_state_dict(st["scheduler"])
+            scaler.load_state_dict(st["scaler"])
+            sampler.load_state_dict(st["sampler"])
+            if ema is not None and st.get("ema") is not None:
+                ema.load_state_dict(st["ema"])
+            ckpt.set_rng_state(st["rng"])
+            start_epoch, best, step, bad = st["epoch"], st["best"], st["step"], dict(st["bad_images"])
+            rows = [r for r in ckpt.read_log(run_dir) if r["epoch"] <= start_epoch]
+            say(f"resuming {run_dir} after epoch {start_epoch} (step {step}, best mAP@1000 {best:.4f})")
+
+    ddp = net
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    aug = AugmentConfig(tuple(cfg.crop_scale), cfg.hflip, cfg.color_jitter)
+    dataset = TrainDataset(train_index.paths, labels, train_transform(cfg.image_size, aug, spec["mean"], spec["std"]))
+    gen = torch.Generator()
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=train_collate,
+                        generator=gen, pin_memory=device.type == "cuda")
+    if ema is not None:
+        ema_pairs = [(e, m) for e, m in zip(ema.state_dict().values(), model.state_dict().values())]
+    say(f"{spec['arch']}: {len(train_index)} images of {len(classes)} train classes, "
+        f"held-out {len(split.heldout_classes)} classes (split {split.hash}); P={p} K={k} x {world} rank(s), "
+        f"{steps_per_epoch} steps/epoch, device {device}, amp {amp_dtype}")
+    speed, epoch, stopped = 0.0, start_epoch, False
+    if cfg.val_at_start and start_epoch == 0 and is_main:
+        val0 = validate(ema if ema is not None else model, run_cfg, split, id_to_path, cfg, device)
+        say(f"epoch 0 (initial weights): held-out mAP@1000 {val0['map@1000']:.4f} R@1 {val0['recall@1']:.4f}")
+        best = val0["map@1000"]
+        ckpt.save_weights(run_dir / "model.safetensors", (ema if ema is not None else model).state_dict())
+        ckpt.write_config(run_dir, {**run_cfg, "epoch": 0, "metrics": val0})
+        rows = [{"epoch": 0, "step": 0, "loss": None, "lr": None, "img_per_s": None, "val": val0}]
+        ckpt.write_log(run_dir, rows)
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        _seed_all(_epoch_seed(cfg.seed, epoch))
+        gen.manual_seed(_epoch_seed(cfg.seed, epoch))
+        sampler.set_epoch(epoch)
+        ddp.train()
+        if cfg.freeze_bn:
+            for m in model.body.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, batches, images
+        t0, n_batches = time.perf_counter(), steps_per_epoch * cfg.grad_accum
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not (is_main and cfg.progress),
+                   file=sys.stderr, dynamic_ncols=True)
+        for i, (x, y, bad_b) in enumerate(loader):
+            if i >= n_batches:
+                break
+            bad.update(bad_b)
+            if x is None:
+                continue
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            last_micro = (i + 1) % cfg.grad_accum == 0
+            sync = ddp.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss_v = ddp(x, y)
+                scaler.scale(loss_v / cfg.grad_accum).backward()
+            sums += torch.tensor([loss_v.item(), 1.0, len(x)], dtype=torch.float64)
+            if not last_micro:
+                continue
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            if ema is not None:
+                with torch.no_grad():
+                    for e, m in ema_pairs:
+                        if e.dtype.is_floating_point:
+                            e.mul_(cfg.ema).add_(m.detach(), alpha=1.0 - cfg.ema)
+                        else:
+                            e.copy_(m)
+            ips = sums[2].item() * world / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{sums[0].item() / sums[1].item():.4f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}",
+                            img_s=f"{ips:.1f}")
+            bar.update(1)
+            if cfg.max_steps and step >= cfg.max_steps:
+                stopped = True
+                break
+        bar.close()
+        if world > 1:
+            dist.all_reduce(sums)
+        speed = sums[2].item() / max(1e-9, time.perf_counter() - t0)
+        stop_now = stopped or (cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch)
+        row = {"epoch": epoch, "step": step, "loss": sums[0].item() / max(1.0, sums[1].item()),
+               "lr": scheduler.get_last_lr()[-1], "img_per_s": speed, "val": None}
+        if is_main:
+            eval_model = ema if ema is not None else model
+            if epoch % cfg.val_every == 0 or epoch == cfg.epochs or stop_now:
+                row["val"] = validate(eval_model, run_cfg, split, id_to_path, cfg, device)
+                if row["val"]["map@1000"] > best:
+                    best = row["val"]["map@1000"]
+                    ckpt.save_weights(run_dir / "model.safetensors", eval_model.state_dict())
+                    ckpt.write_config(run_dir, {**run_cfg, "epoch": epoch, "metrics": row["val"]})
+            ckpt.save_last(run_dir, net.state_dict(), {
+                "epoch": epoch, "step": step, "best": best, "arch": spec["arch"], "split_hash": split.hash,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "sampler": sampler.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None, "rng": ckpt.rng_state(),
+                "bad_images": sorted(bad.items())})
+            rows.append(row)
+            ckpt.write_log(run_dir, rows)
+            val = row["val"]
+            say(f"epoch {epoch}: loss {row['loss']:.4f} lr {row['lr']:.2e} {speed:.1f} img/s"
+                + (f" | held-out mAP@1000 {val['map@1000']:.4f} R@1 {val['recall@1']:.4f}" if val else ""))
+        if world > 1:
+            dist.barrier()
+        if stop_now:
+            break
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, bad)
+        bad = {kk: v for g in gathered for kk, v in g.items()}
+    if bad:
+        say(f"{len(bad)} unreadable training images skipped, e.g. {list(bad)[:3]}")
+    say(f"done: epoch {epoch}, best held-out mAP@1000 {best:.4f}; weights in {run_dir / 'model.safetensors'}")
+    return {"run_dir": str(run_dir), "epoch": epoch, "best": best, "bad_images": len(bad), "images_per_s": speed}
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Build a TrainConfig from the command line (each field is a --flag)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="dataset root in the hackathon layout")
+    ap.add_argument("--out", required=True, help="run folder")
+    defaults = TrainConfig(data="", out="")
+    choices = {"optimizer": ["adamw", "sgd"], "head": list(HEADS), "amp": ["auto", "none", "bf16", "fp16"],
+               "device": None}
+    for f in fields(TrainConfig):
+        if f.name in ("data", "out"):
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        if isinstance(default, bool):
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, tuple):
+            ap.add_argument(flag, type=float, nargs=2, default=default)
+        else:
+            typ = {"int | None": int, "str | None": str}.get(str(f.type), type(default) if default is not None else str)
+            typ = int if f.name in ("batch_size", "max_steps", "stop_after_epoch") else typ
+            ap.add_argument(flag, type=typ, default=default, choices=choices.get(f.name))
+    a = ap.parse_args(argv)
+    if a.batch_size:
+        a.p = a.batch_size // a.k
+    return TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(a).items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
