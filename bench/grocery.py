@@ -39,22 +39,24 @@ PRETRAINED = SHARED / "pretrained" / "mobilenetv2_100.safetensors"
 
 def members_for(scale: str) -> list[MemberSpec]:
     """Three members that differ; epochs budgeted for ~1 hour on 2 CPU cores (cpu) or a GPU (gpu)."""
-    ft = {"pretrained": str(PRETRAINED), "body_lr_mult": 0.1, "lr": 2e-3, "warmup_epochs": 0.3,
-          "embedding_dim": 512, "k": 4}
+    ft = {"pretrained": str(PRETRAINED), "freeze_bn": True, "body_lr_mult": 0.1, "lr": 1e-3,
+          "warmup_epochs": 0.5, "margin": 0.2, "crop_scale": (0.5, 1.0), "embedding_dim": 512, "k": 4,
+          "channels_last": True}
+    scratch = {"lr": 3e-3, "embedding_dim": 256, "channels_last": True, "warmup_epochs": 1.0}
     if scale == "gpu":
         return [
-            MemberSpec("mnv2-224-arcface", "mobilenetv2_100", {**ft, "image_size": 224, "epochs": 25, "head": "arcface"}),
-            MemberSpec("mnv2-192-cosface", "mobilenetv2_100", {**ft, "image_size": 192, "epochs": 25, "head": "cosface"}),
-            MemberSpec("mnv2-160-triplet", "mobilenetv2_100", {**ft, "image_size": 160, "epochs": 25,
+            MemberSpec("mnv2-224-arcface", "mobilenetv2_100", {**ft, "image_size": 224, "epochs": 20}),
+            MemberSpec("mnv2-192-cosface", "mobilenetv2_100", {**ft, "image_size": 192, "epochs": 20,
+                                                               "head": "cosface", "margin": 0.35}),
+            MemberSpec("mnv2-160-triplet", "mobilenetv2_100", {**ft, "image_size": 160, "epochs": 20,
                                                                "triplet_weight": 1.0}),
-            MemberSpec("resnet18-scratch", "resnet18", {"image_size": 160, "epochs": 60, "lr": 3e-3,
-                                                        "embedding_dim": 256}),
+            MemberSpec("resnet18-scratch", "resnet18", {**scratch, "image_size": 160, "epochs": 60}),
         ]
     return [
-        MemberSpec("mnv2-160-arcface", "mobilenetv2_100", {**ft, "image_size": 160, "epochs": 6, "head": "arcface"}),
-        MemberSpec("mnv2-128-cosface", "mobilenetv2_100", {**ft, "image_size": 128, "epochs": 6, "head": "cosface"}),
-        MemberSpec("resnet10t-scratch", "resnet10t", {"image_size": 96, "epochs": 12, "lr": 3e-3,
-                                                      "embedding_dim": 256}),
+        MemberSpec("mnv2-160-arcface", "mobilenetv2_100", {**ft, "image_size": 160, "epochs": 6}),
+        MemberSpec("mnv2-192-cosface", "mobilenetv2_100", {**ft, "image_size": 192, "epochs": 5,
+                                                           "head": "cosface", "margin": 0.35}),
+        MemberSpec("resnet10t-scratch", "resnet10t", {**scratch, "image_size": 112, "epochs": 15}),
     ]
 
 
