@@ -134,25 +134,13 @@ def extract_descriptors(
     return (out if ok.all() else out[ok]), ok
 
 
-def rank_cosine(queries: np.ndarray, references: np.ndarray, k: int = 1000, chunk: int = 1024) -> np.ndarray:
-    """Exact cosine ranking: (n_queries, min(k, n_refs)) reference indices, best first."""
-    k = min(k, len(references))
-    out = np.empty((len(queries), k), dtype=np.int64)
-    for s in range(0, len(queries), chunk):
-        sims = queries[s:s + chunk] @ references.T
-        part = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else \
-            np.tile(np.arange(sims.shape[1]), (len(sims), 1))
-        order = np.take_along_axis(sims, part, 1).argsort(axis=1, kind="stable")[:, ::-1]
-        out[s:s + chunk] = np.take_along_axis(part, order, 1)
-    return out
-
-
 def retrieval_scores(queries: np.ndarray, q_labels: Sequence, references: np.ndarray,
                      r_labels: Sequence, k: int = 1000) -> dict:
     """Return {"map@1000", "recall@1", "n_query", "n_reference"} of an exact cosine search."""
+    from rerank import search
     from tuning.metrics import mean_average_precision, recall_at_k
 
-    ranks = rank_cosine(queries, references, k)
+    _, ranks = search(queries, references, min(k, len(references)))
     return {"map@1000": mean_average_precision(ranks, q_labels, r_labels, k=k),
             "recall@1": recall_at_k(ranks, q_labels, r_labels, 1),
             "n_query": int(len(queries)), "n_reference": int(len(references))}
