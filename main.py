@@ -12,6 +12,7 @@ stand-in (tuning/nsml_local.py) runs the same code:
 from __future__ import annotations
 
 import argparse
+import atexit
 import shutil
 import sys
 import tempfile
@@ -44,7 +45,8 @@ class SessionState:
         self.device = device
         self.bundle = None
         self.member_dirs: list[Path] = []
-        self.workdir = Path(tempfile.mkdtemp(prefix="kit-session-"))
+        self.workdir = Path(tempfile.mkdtemp(prefix="kit-session-"))  # private copies; gone at exit
+        atexit.register(shutil.rmtree, self.workdir, ignore_errors=True)
 
 
 def _is_bundle(path: Path) -> bool:
