@@ -40,10 +40,11 @@ class MemberSpec:
 # Three small networks of different designs that train from scratch in a minute or two each
 # on 2 CPU cores (mobilenetv3 and efficientnet barely move from scratch at this size).
 DEMO_MEMBERS = [
-    MemberSpec("resnet", "resnet10t", {"image_size": 64, "epochs": 20, "lr": 3e-3, "embedding_dim": 128}),
-    MemberSpec("regnet", "regnetx_002", {"image_size": 64, "epochs": 20, "lr": 3e-3, "embedding_dim": 128}),
-    MemberSpec("resnet18", "resnet18", {"image_size": 64, "epochs": 15, "lr": 3e-3, "embedding_dim": 128,
-                                        "triplet_weight": 0.5}),
+    MemberSpec("resnet10t", "resnet10t", {"image_size": 64, "epochs": 20, "lr": 3e-3, "embedding_dim": 128}),
+    MemberSpec("resnet14t", "resnet14t", {"image_size": 64, "epochs": 20, "lr": 3e-3, "embedding_dim": 128,
+                                          "head": "cosface", "margin": 0.2, "scale": 16.0}),
+    MemberSpec("regnet", "regnetx_002", {"image_size": 64, "epochs": 25, "lr": 3e-3, "embedding_dim": 128,
+                                         "head": "cosface", "margin": 0.2, "scale": 16.0}),
 ]
 # The embedded default for the main job: larger than the generator's own default so that
 # the held-out split (14 classes, ~40 queries) is big enough to tune on.
