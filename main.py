@@ -132,8 +132,7 @@ def local_submission(state: SessionState, args: argparse.Namespace) -> dict | No
     """Load, infer on every query, validate, write JSON + CSV, and score when labels exist."""
     if not args.checkpoint:
         raise SystemExit("test mode without NSML needs --checkpoint (an ensemble checkpoint folder)")
-    bound_load = nsml._bound["load"]
-    bound_load(args.checkpoint)
+    nsml.load_path(args.checkpoint)
     root = Path(state.data_root)
     query_paths = [str(p) for p in list_images(root / QUERY_DIR)]
     submission = nsml.infer(query_paths)

@@ -75,7 +75,7 @@ def test_infer_returns_the_exact_nsml_format_and_never_a_duplicate(nsml_world, m
     data = nsml_world["data"]
     state = main.SessionState(str(data), top_k=1000, device="cpu")
     main.bind_model(state)
-    nsml_local._bound["load"](str(nsml_world["checkpoint"]))
+    nsml_local.load_path(nsml_world["checkpoint"])
     query_paths = [str(p) for p in list_images(data / QUERY_DIR)]
     result = nsml_local.infer(query_paths)
     n_refs = len(list_images(data / REFERENCE_DIR))

@@ -51,6 +51,13 @@ def load(checkpoint: str | int = "final", session: str | None = None) -> None:
     _bound["load"](str(source))
 
 
+def load_path(path: str | os.PathLike) -> None:
+    """Call the bound load() on any folder (a local ensemble checkpoint given by path)."""
+    if "load" not in _bound:
+        raise RuntimeError("nsml.load called before nsml.bind(load=...)")
+    _bound["load"](str(path))
+
+
 def infer(queries: list[str]):
     """Call the bound infer() as the leaderboard server would."""
     if "infer" not in _bound:
