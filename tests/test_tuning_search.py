@@ -1,4 +1,5 @@
 """tuning.search: short studies, resume after a killed worker, two workers on one storage, the CLI."""
+import datetime
 import json
 import os
 import signal
@@ -110,8 +111,11 @@ def test_killed_worker_process_resumes_with_no_trial_lost(tuning_heldout, tmp_pa
             study = optuna.load_study(study_name="s", storage=storage)
         except KeyError:
             continue
-        states = _states(study)
-        if states.count(TrialState.COMPLETE) >= 2 and TrialState.RUNNING in states:
+        trials = study.get_trials()
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        # a trial that started moments ago is still in its 1 s delay: the kill lands inside it
+        if (sum(t.state == TrialState.COMPLETE for t in trials) >= 2 and running
+                and (datetime.datetime.now() - running[0].datetime_start).total_seconds() < 0.4):
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -122,7 +126,8 @@ def test_killed_worker_process_resumes_with_no_trial_lost(tuning_heldout, tmp_pa
     assert r.study.trials[killed[0].number].state == TrialState.FAIL
     retried = [t for t in r.study.trials if t.user_attrs.get("retry_of") == killed[0].number]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
-    assert retried[0].params == killed[0].params
+    # the killed trial may have died between two suggestions: what it had is re-run as it was
+    assert killed[0].params.items() <= retried[0].params.items()
 
 
 def test_two_worker_processes_share_one_journal_and_complete_n_trials(tuning_heldout, tmp_path):
