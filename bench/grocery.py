@@ -1,6 +1,6 @@
 """The real-data benchmark: the whole recipe on ../shared/datasets/grocery, every stage measured.
 
-    python -m bench.grocery --out /work/runs/grocery                # 2 CPU cores, about an hour
+    python -m bench.grocery --out runs/grocery                      # 2 CPU cores, about an hour
     python -m bench.grocery --out runs/grocery-gpu --scale gpu      # a GPU machine: larger, 224 px
 
 Holds out 30% of the train classes, trains three different members (mobilenetv2_100
@@ -100,7 +100,7 @@ def baseline_rows(data: Path, split: HoldoutSplit, device: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.grocery", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="/work/runs/grocery", help="run folder (outside the repo; resumes)")
+    ap.add_argument("--out", default="runs/grocery", help="run folder (git-ignored; re-running resumes)")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--scale", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--trials", type=int, default=200)
