@@ -39,19 +39,15 @@ from tuning.submit import build_submission, score_submission, write_submission
 class SessionState:
     """What the bound functions share: the loaded bundle and the member runs loaded so far."""
 
-    def __init__(self, data_root: str | None, top_k: int | None, device: str):
+    def __init__(self, data_root: str | None, top_k: int | None, device: str, cache_dir: str | None = None):
         self.data_root = data_root
+        self.cache_dir = cache_dir  # descriptor cache for local runs (None: extract every time)
         self.top_k = top_k
         self.device = device
         self.bundle = None
         self.member_dirs: list[Path] = []
         self.workdir = Path(tempfile.mkdtemp(prefix="kit-session-"))  # private copies; gone at exit
         atexit.register(shutil.rmtree, self.workdir, ignore_errors=True)
-
-
-def _is_bundle(path: Path) -> bool:
-    from ensemble.bundle import is_bundle
-    return is_bundle(path)
 
 
 def bind_model(state: SessionState) -> None:
@@ -63,13 +59,13 @@ def bind_model(state: SessionState) -> None:
         state.bundle.save(Path(dir_name) / "bundle")
 
     def load(dir_name: str, *args, **kwargs) -> None:
-        from ensemble.bundle import Bundle
+        from ensemble.bundle import Bundle, is_bundle
         source = Path(dir_name)
         candidate = source / "bundle" if (source / "bundle").is_dir() else source
         # NSML may remove dir_name afterwards: keep a private copy
         target = state.workdir / f"loaded-{len(state.member_dirs)}-{int(time.time() * 1000)}"
         shutil.copytree(candidate, target)
-        if _is_bundle(target):
+        if is_bundle(target):
             state.bundle = Bundle.load(target)
             print(f"loaded ensemble checkpoint from {source}", flush=True)
         elif (target / "config.json").is_file():
@@ -92,7 +88,8 @@ def run_inference(state: SessionState, query_paths: list[str]):
     reference_paths = list_images(Path(root) / REFERENCE_DIR)
     query_names = [image_name(p) for p in query_paths]
     reference_names = [image_name(p) for p in reference_paths]
-    ensemble = state.bundle.ensemble(device=state.device)
+    member_kw = {} if state.cache_dir is None else {"cache_dir": state.cache_dir}
+    ensemble = state.bundle.ensemble(device=state.device, **member_kw)
     top_k = len(reference_paths) if state.top_k is None else min(state.top_k, len(reference_paths))
     ranking = ensemble.rank([str(p) for p in query_paths], [str(p) for p in reference_paths], top_k=top_k)
     submission = build_submission(query_names, reference_names, ranking.indices, length=state.top_k)
@@ -179,6 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", help="local: the ensemble checkpoint folder to load in test mode")
     p.add_argument("--full-ranking", action="store_true", help="rank every reference (phase 1) instead of the top 1000")
     p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", help="local: reuse member descriptors cached in this folder")
     p.add_argument("--out", default="submission", help="local: where the submission files go")
     p.add_argument("--picture", type=int, default=8, help="local: queries drawn in retrieval.png (0: none)")
     return p.parse_args(argv)
@@ -190,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.data:
             raise SystemExit("without NSML, --data DATASET is required")
         nsml.DATASET_PATH = args.data
-    state = SessionState(args.data or DATASET_PATH, None if args.full_ranking else 1000, args.device)
+    state = SessionState(args.data or DATASET_PATH, None if args.full_ranking else 1000, args.device,
+                         args.cache_dir)
     bind_model(state)
     if args.pause:
         nsml.paused(scope=locals())

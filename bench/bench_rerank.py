@@ -10,7 +10,6 @@ that run's own peak resident memory (faiss allocations included).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform

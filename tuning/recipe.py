@@ -142,8 +142,9 @@ def test_set(bundle, data: Path, cache_dir: Path, device: str) -> HeldoutSet:
     labels = read_labels(data)
     ensemble = bundle.ensemble(device=device, cache_dir=cache_dir)
     query_paths, ref_paths = list_images(data / QUERY_DIR), list_images(data / REFERENCE_DIR)
-    query, q_ok = ensemble.member_descriptors(query_paths, set_name="test-query")
-    reference, r_ok = ensemble.member_descriptors(ref_paths, set_name="test-reference")
+    # the set names Ensemble.rank uses, so the local submission reuses these descriptors
+    query, q_ok = ensemble.member_descriptors(query_paths, set_name="query")
+    reference, r_ok = ensemble.member_descriptors(ref_paths, set_name="reference")
     q_labels = [labels["query"][image_name(p)] for p, ok in zip(query_paths, q_ok) if ok]
     r_labels = [labels["reference"][image_name(p)] for p, ok in zip(ref_paths, r_ok) if ok]
     return HeldoutSet(bundle.member_names, query, reference, bundle.train_descriptors(), q_labels, r_labels)
@@ -182,11 +183,14 @@ def score_rows(rows: dict[str, PostProcessing], heldout: HeldoutSet, test: Heldo
 
 
 def local_submission(cfg: RecipeConfig, data: Path, bundle_dir: Path) -> dict | None:
-    """Run the NSML entry point's local submission in a subprocess; return its scores."""
+    """Run the NSML entry point's local submission in a subprocess; return its scores.
+
+    It ranks through main.py's own infer path, reusing the test descriptors
+    ``test_set`` cached in OUT/cache rather than extracting them a second time."""
     out = Path(cfg.out) / "submission"
     cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "main.py"), "--mode", "test",
            "--pause", "1", "--data", str(data), "--checkpoint", str(bundle_dir), "--out", str(out),
-           "--device", cfg.device]
+           "--device", cfg.device, "--cache-dir", str(Path(cfg.out) / "cache")]
     _say("local submission: " + " ".join(cmd[1:]))
     subprocess.run(cmd, check=True)
     scores = out / "scores.json"

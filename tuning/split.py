@@ -36,8 +36,7 @@ class HoldoutSplit:
     @property
     def hash(self) -> str:
         """sha256 (first 16 hex digits) of the split's content, independent of file formatting."""
-        content = {k: v for k, v in self._content().items()}
-        blob = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+        blob = json.dumps(self._content(), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def _content(self) -> dict:
