@@ -2,7 +2,7 @@
 
 On NSML (``nsml submit``) the platform runs ``main.py --mode test --pause 1``, calls
 ``load(dir)`` and then ``infer(queries, _)``. Without the ``nsml`` package a local
-stand-in (tuning/nsml_local.py) runs the same code:
+stand-in (competition/nsml_local.py) runs the same code:
 
     # build an ensemble from trained backbone runs (train mode)
     python main.py --mode train --data DATASET --members RUN1 RUN2 --trials 100
@@ -25,15 +25,15 @@ try:  # on the NSML platform
 
     IS_ON_NSML = True
 except ImportError:  # anywhere else: the local stand-in with the same functions
-    from tuning import nsml_local as nsml
+    from competition import nsml_local as nsml
 
     DATASET_PATH = None
     IS_ON_NSML = False
 
-from backbones.data import REFERENCE_DIR, QUERY_DIR, image_name, list_images, read_labels
-from backbones.fileio import atomic_write_json
-from tuning.metrics import validate_submission
-from tuning.submit import build_submission, score_submission, write_submission
+from competition.data import QUERY_DIR, REFERENCE_DIR, image_name, list_images, read_labels
+from competition.fileio import atomic_write_json
+from competition.metrics import file_keys
+from competition.submission import build_submission, score_submission, validate_submission, write_submission
 
 
 class SessionState:
@@ -59,6 +59,7 @@ def bind_model(state: SessionState) -> None:
         state.bundle.save(Path(dir_name) / "bundle")
 
     def load(dir_name: str, *args, **kwargs) -> None:
+        from backbones.checkpoint import is_run
         from ensemble.bundle import Bundle, is_bundle
         source = Path(dir_name)
         candidate = source / "bundle" if (source / "bundle").is_dir() else source
@@ -68,7 +69,7 @@ def bind_model(state: SessionState) -> None:
         if is_bundle(target):
             state.bundle = Bundle.load(target)
             print(f"loaded ensemble checkpoint from {source}", flush=True)
-        elif (target / "config.json").is_file():
+        elif is_run(target):
             state.member_dirs.append(target)
             print(f"loaded member run from {source}", flush=True)
         else:
@@ -97,7 +98,7 @@ def run_inference(state: SessionState, query_paths: list[str]):
     return submission
 
 
-def train(state: SessionState, args: argparse.Namespace) -> None:
+def build_checkpoint(state: SessionState, args: argparse.Namespace) -> None:
     """Build the ensemble (members from run dirs and earlier sessions), tune it, save it."""
     from ensemble.build import BuildConfig, build_from_paths
     for spec in args.sessions:
@@ -125,7 +126,7 @@ def train(state: SessionState, args: argparse.Namespace) -> None:
         print(f"ensemble checkpoint saved to {target}", flush=True)
 
 
-def local_submission(state: SessionState, args: argparse.Namespace) -> dict | None:
+def submit_locally(state: SessionState, args: argparse.Namespace) -> dict | None:
     """Load, infer on every query, validate, write JSON + CSV, and score when labels exist."""
     if not args.checkpoint:
         raise SystemExit("test mode without NSML needs --checkpoint (an ensemble checkpoint folder)")
@@ -141,13 +142,15 @@ def local_submission(state: SessionState, args: argparse.Namespace) -> dict | No
     except FileNotFoundError:
         print("no test/labels.csv: not scored", flush=True)
         return None
-    scores = score_submission(submission, labels, length=state.top_k,
-                              query_names=[q for _, (q, _) in submission],
-                              reference_names=[image_name(p) for p in list_images(root / REFERENCE_DIR)])
+    # infer validated the submission; here it is only scored
+    scores = file_keys(score_submission({q: refs for _, (q, refs) in submission}, labels,
+                                        query_names=[q for _, (q, _) in submission],
+                                        reference_names=[image_name(p) for p in list_images(root / REFERENCE_DIR)]),
+                       1000)
     print("local leaderboard: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
     atomic_write_json(out / "scores.json", scores)
     if args.picture:
-        from tuning.picture import retrieval_picture
+        from competition.picture import retrieval_picture
         n = min(args.picture, len(submission))
         ref_dir = root / REFERENCE_DIR
         by_name = {image_name(p): p for p in list_images(ref_dir)}
@@ -194,9 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.pause:
         nsml.paused(scope=locals())
     if args.mode == "train":
-        train(state, args)
+        build_checkpoint(state, args)
     elif not IS_ON_NSML:
-        local_submission(state, args)
+        submit_locally(state, args)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from backbones.data import LoadReport, try_load_image
+from competition.data import LoadReport, try_load_image
 
 
 def hsv_histogram(paths: Sequence[str | os.PathLike], bins: int = 8) -> tuple[np.ndarray, np.ndarray]:

@@ -1,11 +1,11 @@
 """Run-folder files: weights, config, resumable training state, the JSON-lines log and loss plot.
 
-    RUN_DIR/model.safetensors    best weights by held-out mAP@1000 (EMA weights when EMA is on)
+    RUN_DIR/model.safetensors    best weights by held-out mAP@k (EMA weights when EMA is on)
     RUN_DIR/config.json          how to rebuild the model + split hash, classes, epoch, metrics
     RUN_DIR/split.json           the held-out split used
     RUN_DIR/last/model.safetensors, RUN_DIR/last/train_state.pt   resumable state (end of last epoch)
     RUN_DIR/log.jsonl, RUN_DIR/loss.png
-All writes are atomic (backbones.fileio).
+All writes are atomic (competition.fileio).
 """
 from __future__ import annotations
 
@@ -17,7 +17,54 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backbones.fileio import atomic_path, atomic_write_json, atomic_write_text
+from backbones.model import RetrievalNet, model_from_spec
+from competition.fileio import atomic_path, atomic_write_json, atomic_write_text
+from rerank import resolve_device
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+SPLIT_FILE = "split.json"
+LOG_FILE = "log.jsonl"
+LAST_DIR = "last"
+
+
+def is_run(run_dir: str | os.PathLike) -> bool:
+    """True when ``run_dir`` holds a run's config and weights (not verified further)."""
+    run_dir = Path(run_dir)
+    return (run_dir / CONFIG_FILE).is_file() and (run_dir / WEIGHTS_FILE).is_file()
+
+
+def run_files(run_dir: str | os.PathLike) -> dict[str, Path]:
+    """``{file name: path}`` of what a run hands on to an ensemble (weights and config)."""
+    run_dir = Path(run_dir)
+    return {WEIGHTS_FILE: run_dir / WEIGHTS_FILE, CONFIG_FILE: run_dir / CONFIG_FILE}
+
+
+def split_path(run_dir: str | os.PathLike) -> Path:
+    """Where a run keeps the held-out split it trained on."""
+    return Path(run_dir) / SPLIT_FILE
+
+
+def read_config(run_dir: str | os.PathLike) -> dict:
+    """Return RUN_DIR/config.json; ``FileNotFoundError`` / ``ValueError`` name the run and the file."""
+    run_dir = Path(run_dir)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir}: not a training run ({name} missing)")
+    try:
+        return json.loads((run_dir / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{run_dir / CONFIG_FILE}: not valid JSON ({exc})") from exc
+
+
+def load_run(run_dir: str | os.PathLike, device: str = "auto") -> tuple[RetrievalNet, dict]:
+    """Rebuild a run's model from its config and weights; returns (model in eval mode, config)."""
+    config = read_config(run_dir)
+    model = model_from_spec(config["model"])
+    model.load_state_dict(load_weights(Path(run_dir) / WEIGHTS_FILE), strict=True)
+    model = model.to(resolve_device(device), memory_format=torch.channels_last).eval()
+    model._channels_last = True  # convnets run faster channels-last on CPU and with AMP on GPU
+    return model, config
 
 
 def save_weights(path: str | os.PathLike, state: dict[str, torch.Tensor]) -> None:
@@ -59,36 +106,41 @@ def set_rng_state(state: dict) -> None:
 
 def save_last(run_dir: Path, net_state: dict[str, torch.Tensor], train_state: dict) -> None:
     """Write RUN_DIR/last/{model.safetensors,train_state.pt}; train_state last, so it marks completion."""
-    last = run_dir / "last"
+    last = run_dir / LAST_DIR
     save_weights(last / "model.safetensors", net_state)
     with atomic_path(last / "train_state.pt") as tmp:
         torch.save(train_state, tmp)
 
 
+def can_resume(run_dir: str | os.PathLike) -> bool:
+    """True when RUN_DIR/last holds a completed end-of-epoch state."""
+    return (Path(run_dir) / LAST_DIR / "train_state.pt").is_file()
+
+
 def load_last(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
     """Return (network state, train state) from RUN_DIR/last, or None when there is none."""
-    last = run_dir / "last"
-    if not (last / "train_state.pt").is_file():
+    last = run_dir / LAST_DIR
+    if not can_resume(run_dir):
         return None
     state = torch.load(last / "train_state.pt", map_location="cpu", weights_only=True)
     return load_weights(last / "model.safetensors"), state
 
 
 def read_log(run_dir: Path) -> list[dict]:
-    path = run_dir / "log.jsonl"
+    path = run_dir / LOG_FILE
     if not path.is_file():
         return []
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def write_log(run_dir: Path, rows: list[dict]) -> None:
+def write_log(run_dir: Path, rows: list[dict], k: int = 1000) -> None:
     """Rewrite RUN_DIR/log.jsonl (one JSON object per epoch) and RUN_DIR/loss.png."""
-    atomic_write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    plot_loss(run_dir / "loss.png", rows)
+    atomic_write_text(run_dir / LOG_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+    plot_loss(run_dir / "loss.png", rows, k)
 
 
-def plot_loss(path: Path, rows: list[dict]) -> None:
-    """Loss per epoch, and held-out mAP@1000 on a second axis when logged."""
+def plot_loss(path: Path, rows: list[dict], k: int = 1000) -> None:
+    """Loss per epoch, and held-out mAP@k (rows' ``val["mAP@<k>"]``) on a second axis when logged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,11 +151,11 @@ def plot_loss(path: Path, rows: list[dict]) -> None:
     ax.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], "o-", label="train loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
-    val = [(r["epoch"], r["val"]["map@1000"]) for r in rows if r.get("val")]
+    val = [(r["epoch"], r["val"][f"mAP@{k}"]) for r in rows if r.get("val")]
     if val:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*val), "s--", color="tab:green", label="held-out mAP@1000")
-        ax2.set_ylabel("held-out mAP@1000")
+        ax2.plot(*zip(*val), "s--", color="tab:green", label=f"held-out mAP@{k}")
+        ax2.set_ylabel(f"held-out mAP@{k}")
         ax2.legend(loc="upper right")
     ax.legend(loc="upper left")
     fig.tight_layout()
@@ -113,4 +165,4 @@ def plot_loss(path: Path, rows: list[dict]) -> None:
 
 
 def write_config(run_dir: Path, config: dict) -> None:
-    atomic_write_json(run_dir / "config.json", config)
+    atomic_write_json(run_dir / CONFIG_FILE, config)

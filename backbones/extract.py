@@ -19,17 +19,18 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from backbones.data import LoadReport, UnreadableImage, image_name, is_image_file, list_images
-from backbones.fileio import atomic_path, atomic_write_text
-from backbones.model import RetrievalNet, model_from_spec
+from backbones.checkpoint import load_run
+from backbones.model import RetrievalNet
 from backbones.transforms import PathDataset, eval_transform, path_collate
+from competition.data import LoadReport, UnreadableImage, image_name, is_image_file, list_images
+from competition.fileio import atomic_path, atomic_write_text
+from competition.metrics import retrieval_scores
+from rerank import resolve_device, search
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def torch_device(device: str = "auto") -> torch.device:
+    """``rerank.resolve_device`` as a ``torch.device`` (auto | cpu | cuda | cuda:N)."""
+    return torch.device(resolve_device(device))
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -41,22 +42,6 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device; use bf16 or none on CPU")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def load_run(run_dir: str | os.PathLike, device: str = "auto") -> tuple[RetrievalNet, dict]:
-    """Rebuild a run's model from RUN_DIR/config.json + model.safetensors; returns (model in eval, config)."""
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir)
-    cfg_path, w_path = run_dir / "config.json", run_dir / "model.safetensors"
-    if not cfg_path.is_file() or not w_path.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a training run (needs config.json and model.safetensors)")
-    config = json.loads(cfg_path.read_text())
-    model = model_from_spec(config["model"])
-    model.load_state_dict(load_file(str(w_path)), strict=True)
-    model = model.to(resolve_device(device), memory_format=torch.channels_last).eval()
-    model._channels_last = True  # convnets run faster channels-last on CPU and with AMP on GPU
-    return model, config
 
 
 def extract_descriptors(
@@ -90,7 +75,7 @@ def extract_descriptors(
     std = spec.get("std", model.spec.std)
     image_size = int(config.get("image_size", 224))
     crop_pct = float(config.get("crop_pct", 1.0))
-    dev = next(model.parameters()).device if device == "auto" else resolve_device(device)
+    dev = next(model.parameters()).device if device == "auto" else torch_device(device)
     model_dev = next(model.parameters()).device
     if model_dev != dev:
         model.to(dev)
@@ -134,15 +119,11 @@ def extract_descriptors(
     return (out if ok.all() else out[ok]), ok
 
 
-def retrieval_scores(queries: np.ndarray, q_labels: Sequence, references: np.ndarray,
-                     r_labels: Sequence, k: int = 1000) -> dict:
-    """Return {"map@1000", "recall@1", "n_query", "n_reference"} of an exact cosine search."""
-    from rerank import search
-    from tuning.metrics import mean_average_precision, recall_at_k
-
+def search_scores(queries: np.ndarray, q_labels: Sequence, references: np.ndarray,
+                  r_labels: Sequence, k: int = 1000) -> dict:
+    """Return ``{"map_at_k", "recall_at_1", "n_query", "n_reference"}`` of an exact cosine search."""
     _, ranks = search(queries, references, min(k, len(references)))
-    return {"map@1000": mean_average_precision(ranks, q_labels, r_labels, k=k),
-            "recall@1": recall_at_k(ranks, q_labels, r_labels, 1),
+    return {**retrieval_scores(ranks, q_labels, r_labels, k=k),
             "n_query": int(len(queries)), "n_reference": int(len(references))}
 
 
@@ -151,7 +132,7 @@ def evaluate_test(run_dir: str | os.PathLike, dataset: str | os.PathLike, **kw) 
 
     ``kw`` goes to ``extract_descriptors`` (batch_size, flip, scales, workers, ...).
     """
-    from backbones.data import labels_for, read_labels, scan_test
+    from competition.data import labels_for, read_labels, scan_test
 
     model, config = load_run(run_dir, kw.pop("device", "auto"))
     test, labels = scan_test(dataset), read_labels(dataset)
@@ -160,7 +141,7 @@ def evaluate_test(run_dir: str | os.PathLike, dataset: str | os.PathLike, **kw) 
         desc, ok = extract_descriptors(model, paths, config=config, **kw)
         names = [image_name(p) for p, good in zip(paths, ok) if good]
         parts[part] = (desc, labels_for(names, labels[part], f"{dataset} {part}"))
-    return retrieval_scores(parts["query"][0], parts["query"][1], parts["reference"][0], parts["reference"][1])
+    return search_scores(parts["query"][0], parts["query"][1], parts["reference"][0], parts["reference"][1])
 
 
 def _read_paths(images: str) -> list[Path]:

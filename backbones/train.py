@@ -3,9 +3,9 @@
     python -m backbones.train --arch efficientnet --data DATASET --out RUN_DIR [options]
     torchrun --nproc_per_node=N -m backbones.train ...      (DistributedDataParallel)
 
-Under torchrun give --batch-size (and --k), not --p: torchrun's own parser takes --p
-as an abbreviation of its --print-completion. ``--freeze-bn`` keeps the body's
-BatchNorm statistics (needed for weights with fused/identity BN statistics).
+Batches are P classes x K images (``--classes-per-batch``, ``--images-per-class``, or
+``--batch-size`` with K). ``--freeze-bn`` keeps the body's BatchNorm statistics (needed
+for weights with fused/identity BN statistics).
 
 Every epoch is a deterministic function of (seed, epoch), and resumable state is
 saved at each epoch's end, so ``--resume`` after a kill ends with the weights of
@@ -33,13 +33,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from backbones import checkpoint as ckpt
-from backbones.data import scan_train
-from backbones.extract import autocast_dtype, extract_descriptors, resolve_device, retrieval_scores
+from backbones.extract import autocast_dtype, extract_descriptors, search_scores, torch_device
 from backbones.heads import HEADS, MetricLoss, make_head
 from backbones.model import RetrievalNet, build_model
 from backbones.sampler import PKSampler
 from backbones.transforms import AugmentConfig, TrainDataset, train_collate, train_transform
-from tuning.split import HoldoutSplit, make_split, split_labels
+from competition.data import scan_train
+from competition.metrics import file_keys
+from competition.split import HeldoutSplit, make_split, split_labels
 
 
 @dataclass
@@ -51,8 +52,8 @@ class TrainConfig:
     arch: str = "efficientnet"
     image_size: int = 224
     batch_size: int | None = None  # when set, P = batch_size // K
-    p: int = 16
-    k: int = 4
+    classes_per_batch: int = 16    # P
+    images_per_class: int = 4      # K
     epochs: int = 10
     lr: float = 1e-3
     body_lr_mult: float = 0.1
@@ -76,7 +77,7 @@ class TrainConfig:
     ema: float = 0.0  # EMA decay; 0 disables
     workers: int = 2
     seed: int = 0
-    holdout: str | None = None
+    split: str | None = None  # a held-out split JSON (default: a fresh seeded split)
     heldout_fraction: float = 0.3
     val_every: int = 1
     val_batch_size: int = 64
@@ -88,6 +89,7 @@ class TrainConfig:
     freeze_bn: bool = False  # body BatchNorm layers keep their running statistics (small batches, fused weights)
     val_at_start: bool = False  # score the initial (e.g. pretrained) weights as epoch 0; they can be the best
     progress: bool = True
+    k: int = 1000  # the best checkpoint is the one with the best held-out mAP@k
 
 
 class TrainNet(nn.Module):
@@ -114,7 +116,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def _dist_setup(device: str) -> tuple[int, int, torch.device]:
     """Return (rank, world_size, device); initialises the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = resolve_device(device)
+    dev = torch_device(device)
     if world <= 1:
         return 0, 1, dev
     if dev.type == "cuda":
@@ -144,13 +146,13 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
-def _get_split(cfg: TrainConfig, index, run_dir: Path, is_main: bool) -> HoldoutSplit:
-    """--holdout file, else the run's own split.json on resume, else a fresh seeded split."""
-    own = run_dir / "split.json"
-    if cfg.holdout:
-        split = HoldoutSplit.load(cfg.holdout)
+def _get_split(cfg: TrainConfig, index, run_dir: Path, is_main: bool) -> HeldoutSplit:
+    """--split file, else the run's own split on resume, else a fresh seeded split."""
+    own = ckpt.split_path(run_dir)
+    if cfg.split:
+        split = HeldoutSplit.load(cfg.split)
     elif cfg.resume and own.is_file():
-        split = HoldoutSplit.load(own)
+        split = HeldoutSplit.load(own)
     else:
         split = make_split(index, cfg.heldout_fraction, seed=cfg.seed)
     split.check_against(index)
@@ -159,16 +161,20 @@ def _get_split(cfg: TrainConfig, index, run_dir: Path, is_main: bool) -> Holdout
     return split
 
 
-def validate(model: RetrievalNet, run_cfg: dict, split: HoldoutSplit, id_to_path: dict, cfg: TrainConfig,
+def _val_line(val: dict, k: int) -> str:
+    return f"mAP@{k} {val['map_at_k']:.4f} R@1 {val['recall_at_1']:.4f}"
+
+
+def validate(model: RetrievalNet, run_cfg: dict, split: HeldoutSplit, id_to_path: dict, cfg: TrainConfig,
              device: torch.device) -> dict:
-    """Held-out mAP@1000 / Recall@1 of ``model`` (exact cosine search)."""
+    """Held-out ``{"map_at_k", "recall_at_1", "n_query", "n_reference"}`` of ``model`` (exact cosine search)."""
     out = {}
     for part, ids in (("query", split.query_ids), ("reference", split.reference_ids)):
         desc, ok = extract_descriptors(model, [id_to_path[i] for i in ids], config=run_cfg, device=str(device),
                                        batch_size=cfg.val_batch_size, workers=cfg.workers, amp=cfg.amp,
                                        progress=False)
         out[part] = (desc, [lab for lab, good in zip(split_labels(ids), ok) if good])
-    return retrieval_scores(out["query"][0], out["query"][1], out["reference"][0], out["reference"][1])
+    return search_scores(out["query"][0], out["query"][1], out["reference"][0], out["reference"][1], k=cfg.k)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -186,7 +192,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     say = print if is_main else (lambda *a, **k: None)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    p, k = (cfg.batch_size // cfg.k, cfg.k) if cfg.batch_size else (cfg.p, cfg.k)  # torchrun eats --p: use --batch-size
+    k = cfg.images_per_class
+    p = cfg.batch_size // k if cfg.batch_size else cfg.classes_per_batch
     if cfg.head not in HEADS:
         raise ValueError(f"--head must be one of {HEADS}")
     amp_dtype = autocast_dtype(cfg.amp, device)
@@ -224,7 +231,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     run_cfg = {"format": 1, "arch": spec["arch"], "arch_requested": cfg.arch, "image_size": cfg.image_size,
                "crop_pct": cfg.crop_pct, "embedding_dim": cfg.embedding_dim, "mean": spec["mean"],
                "std": spec["std"], "model": spec, "head": cfg.head, "scale": cfg.scale, "margin": cfg.margin,
-               "split_hash": split.hash, "split_file": "split.json", "train_classes": list(classes), "classes": list(classes),
+               "split_hash": split.hash, "split_file": ckpt.SPLIT_FILE, "train_classes": list(classes), "classes": list(classes),
                "n_train_images": len(train_index), "pretrained": cfg.pretrained, "ema": cfg.ema,
                "timm_version": timm.__version__, "train_config": asdict(cfg)}
 
@@ -248,7 +255,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             ckpt.set_rng_state(st["rng"])
             start_epoch, best, step, bad = st["epoch"], st["best"], st["step"], dict(st["bad_images"])
             rows = [r for r in ckpt.read_log(run_dir) if r["epoch"] <= start_epoch]
-            say(f"resuming {run_dir} after epoch {start_epoch} (step {step}, best mAP@1000 {best:.4f})")
+            say(f"resuming {run_dir} after epoch {start_epoch} (step {step}, best mAP@{cfg.k} {best:.4f})")
 
     ddp = net
     if world > 1:
@@ -267,12 +274,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     speed, epoch, stopped = 0.0, start_epoch, False
     if cfg.val_at_start and start_epoch == 0 and is_main:
         val0 = validate(ema if ema is not None else model, run_cfg, split, id_to_path, cfg, device)
-        say(f"epoch 0 (initial weights): held-out mAP@1000 {val0['map@1000']:.4f} R@1 {val0['recall@1']:.4f}")
-        best = val0["map@1000"]
-        ckpt.save_weights(run_dir / "model.safetensors", (ema if ema is not None else model).state_dict())
-        ckpt.write_config(run_dir, {**run_cfg, "epoch": 0, "metrics": val0})
-        rows = [{"epoch": 0, "step": 0, "loss": None, "lr": None, "img_per_s": None, "val": val0}]
-        ckpt.write_log(run_dir, rows)
+        say(f"epoch 0 (initial weights): held-out {_val_line(val0, cfg.k)}")
+        best = val0["map_at_k"]
+        ckpt.save_weights(run_dir / ckpt.WEIGHTS_FILE, (ema if ema is not None else model).state_dict())
+        ckpt.write_config(run_dir, {**run_cfg, "epoch": 0, "metrics": file_keys(val0, cfg.k)})
+        rows = [{"epoch": 0, "step": 0, "loss": None, "lr": None, "img_per_s": None, "val": file_keys(val0, cfg.k)}]
+        ckpt.write_log(run_dir, rows, cfg.k)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         _seed_all(_epoch_seed(cfg.seed, epoch))
         gen.manual_seed(_epoch_seed(cfg.seed, epoch))
@@ -333,10 +340,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         if is_main:
             eval_model = ema if ema is not None else model
             if epoch % cfg.val_every == 0 or epoch == cfg.epochs or stop_now:
-                row["val"] = validate(eval_model, run_cfg, split, id_to_path, cfg, device)
-                if row["val"]["map@1000"] > best:
-                    best = row["val"]["map@1000"]
-                    ckpt.save_weights(run_dir / "model.safetensors", eval_model.state_dict())
+                val = validate(eval_model, run_cfg, split, id_to_path, cfg, device)
+                row["val"] = file_keys(val, cfg.k)
+                if val["map_at_k"] > best:
+                    best = val["map_at_k"]
+                    ckpt.save_weights(run_dir / ckpt.WEIGHTS_FILE, eval_model.state_dict())
                     ckpt.write_config(run_dir, {**run_cfg, "epoch": epoch, "metrics": row["val"]})
             ckpt.save_last(run_dir, net.state_dict(), {
                 "epoch": epoch, "step": step, "best": best, "arch": spec["arch"], "split_hash": split.hash,
@@ -345,10 +353,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
                 "ema": ema.state_dict() if ema is not None else None, "rng": ckpt.rng_state(),
                 "bad_images": sorted(bad.items())})
             rows.append(row)
-            ckpt.write_log(run_dir, rows)
-            val = row["val"]
+            ckpt.write_log(run_dir, rows, cfg.k)
             say(f"epoch {epoch}: loss {row['loss']:.4f} lr {row['lr']:.2e} {speed:.1f} img/s"
-                + (f" | held-out mAP@1000 {val['map@1000']:.4f} R@1 {val['recall@1']:.4f}" if val else ""))
+                + (f" | held-out {_val_line(val, cfg.k)}" if row["val"] else ""))
         if world > 1:
             dist.barrier()
         if stop_now:
@@ -359,7 +366,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         bad = {kk: v for g in gathered for kk, v in g.items()}
     if bad:
         say(f"{len(bad)} unreadable training images skipped, e.g. {list(bad)[:3]}")
-    say(f"done: epoch {epoch}, best held-out mAP@1000 {best:.4f}; weights in {run_dir / 'model.safetensors'}")
+    say(f"done: epoch {epoch}, best held-out mAP@{cfg.k} {best:.4f}; weights in {run_dir / ckpt.WEIGHTS_FILE}")
     return {"run_dir": str(run_dir), "epoch": epoch, "best": best, "bad_images": len(bad), "images_per_s": speed}
 
 
@@ -385,7 +392,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             ap.add_argument(flag, type=typ, default=default, choices=choices.get(f.name))
     a = ap.parse_args(argv)
     if a.batch_size:
-        a.p = a.batch_size // a.k
+        a.classes_per_batch = a.batch_size // a.images_per_class
     return TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(a).items()})
 
 

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from backbones.data import UnreadableImage, load_image
+from competition.data import UnreadableImage, load_image
 
 
 @dataclass

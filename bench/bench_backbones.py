@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backbones.extract import autocast_dtype, extract_descriptors, resolve_device  # noqa: E402
+from backbones.extract import autocast_dtype, extract_descriptors, torch_device  # noqa: E402
 from backbones.heads import MetricLoss, make_head  # noqa: E402
 from backbones.model import build_model  # noqa: E402
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = resolve_device(a.device)
+    device = torch_device(a.device)
     if a.both_layouts or (device.type == "cpu" and not a.channels_last):
         variants = [Variant(f"{a.amp} NCHW", False, a.amp), Variant(f"{a.amp} channels_last", True, a.amp)]
     else:

@@ -20,11 +20,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from competition.submission import build_submission  # noqa: E402
 from ensemble.members import FileMember  # noqa: E402
 from ensemble.model import Ensemble  # noqa: E402
 from ensemble.postprocess import PostProcessing  # noqa: E402
 from rerank.pipeline import RerankParams  # noqa: E402
-from tuning.submit import build_submission  # noqa: E402
 
 PHASE2 = (18_027, 36_748)
 

@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from backbones.baselines import hsv_histogram, pretrained_gem
-from backbones.data import QUERY_DIR, REFERENCE_DIR, TRAIN_DIR, image_name, list_images, read_labels
-from backbones.fileio import atomic_write_json, atomic_write_text
+from competition.data import QUERY_DIR, REFERENCE_DIR, TRAIN_DIR, image_name, list_images, read_labels
+from competition.fileio import atomic_write_json, atomic_write_text
+from competition.split import HeldoutSplit, split_labels
 from ensemble.postprocess import PostProcessing
 from tuning.heldout import HeldoutSet
 from tuning.objective import evaluate
-from tuning.recipe import MemberSpec, RecipeConfig, format_table, plot_table, run_recipe
-from tuning.split import HoldoutSplit, split_labels
+from tuning.recipe import MemberSpec, RecipeConfig, format_table, plot_table, run_recipe, table_for_file
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
@@ -40,7 +40,7 @@ PRETRAINED = SHARED / "pretrained" / "mobilenetv2_100.safetensors"
 def members_for(scale: str) -> list[MemberSpec]:
     """Three members that differ; epochs budgeted for ~1 hour on 2 CPU cores (cpu) or a GPU (gpu)."""
     ft = {"pretrained": str(PRETRAINED), "freeze_bn": True, "body_lr_mult": 0.1, "lr": 1e-3,
-          "warmup_epochs": 0.5, "margin": 0.2, "crop_scale": (0.5, 1.0), "embedding_dim": 512, "k": 4,
+          "warmup_epochs": 0.5, "margin": 0.2, "crop_scale": (0.5, 1.0), "embedding_dim": 512, "images_per_class": 4,
           "channels_last": True}
     scratch = {"lr": 3e-3, "embedding_dim": 256, "channels_last": True, "warmup_epochs": 1.0}
     if scale == "gpu":
@@ -65,7 +65,7 @@ def _single(desc_q, desc_r, q_labels, r_labels) -> HeldoutSet:
                       q_labels, r_labels)
 
 
-def baseline_rows(data: Path, split: HoldoutSplit, device: str) -> list[dict]:
+def baseline_rows(data: Path, split: HeldoutSplit, device: str) -> list[dict]:
     """HSV histogram and off-the-shelf pretrained rows on the held-out split and the test set."""
     labels = read_labels(data)
     sets = {
@@ -88,11 +88,7 @@ def baseline_rows(data: Path, split: HoldoutSplit, device: str) -> list[dict]:
         for part, (qp, ql, rp, rl) in sets.items():
             q, q_ok = describe(qp)
             r, r_ok = describe(rp)
-            scores = evaluate(_single(q, r, np.asarray(ql)[q_ok], np.asarray(rl)[r_ok]), PostProcessing())
-            if part == "heldout":
-                row["heldout_map"] = scores["map_at_k"]
-            else:
-                row.update(test_map=scores["map_at_k"], test_recall_at_1=scores["recall_at_1"])
+            row[part] = evaluate(_single(q, r, np.asarray(ql)[q_ok], np.asarray(rl)[r_ok]), PostProcessing())
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
     return rows
@@ -113,11 +109,11 @@ def main(argv: list[str] | None = None) -> int:
                        trials=args.trials, device=args.device, workers=args.workers,
                        batch_size=64 if args.scale == "cpu" else 128)
     table = run_recipe(cfg)
-    split = HoldoutSplit.load(Path(args.out) / "split.json")
+    split = HeldoutSplit.load(Path(args.out) / "split.json")
     table = baseline_rows(Path(args.data), split, args.device) + table
     out = Path(args.out)
     results = json.loads((out / "results.json").read_text())
-    results.update(table=table, total_seconds=round(time.time() - t0, 1), scale=args.scale)
+    results.update(table=table_for_file(table, 1000), total_seconds=round(time.time() - t0, 1), scale=args.scale)
     atomic_write_json(out / "results.json", results)
     text = format_table(table, 1000)
     atomic_write_text(out / "results.md", text + "\n")

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from backbones.baselines import hsv_histogram
-from backbones.synth import SynthConfig, generate
-
-from tuning.metrics import mean_average_precision
+from competition.metrics import mean_average_precision
+from competition.synth import SynthConfig, generate
 
 
 def evaluate(root: Path, k: int = 1000) -> dict[str, float]:

@@ -22,13 +22,12 @@ from typing import Sequence
 
 import numpy as np
 
-from backbones.data import TRAIN_DIR, scan_train
+from competition.data import TRAIN_DIR, scan_train
+from competition.split import HeldoutSplit
 from ensemble.bundle import Bundle
 from ensemble.combine import normalize_weights
-from ensemble.members import Member, RunMember, TTA, open_member
-from ensemble.model import expand_rows
+from ensemble.members import TTA, Member, RunMember, describe_all, open_member
 from ensemble.postprocess import PostProcessing
-from tuning.split import HoldoutSplit
 
 
 class MemberCheckError(ValueError):
@@ -67,7 +66,7 @@ class BuildSummary:
                 f"{len(self.unreadable)} unreadable, {self.seconds:.1f} s")
 
 
-def check_members(members: Sequence[Member], split: HoldoutSplit, allow_unknown_split: bool = True) -> list[str]:
+def check_members(members: Sequence[Member], split: HeldoutSplit, allow_unknown_split: bool = True) -> list[str]:
     """Raise ``MemberCheckError`` for split mismatches or leakage; return warnings for unknowns."""
     notes, errors = [], []
     for m in members:
@@ -99,17 +98,18 @@ def check_members(members: Sequence[Member], split: HoldoutSplit, allow_unknown_
     return notes
 
 
-def find_split(members: Sequence[Member], split_path: str | Path | None) -> HoldoutSplit:
-    """Load ``split_path``, or else a ``split.json`` found in a run member's directory."""
-    if split_path is not None:
-        return HoldoutSplit.load(split_path)
+def find_split(members: Sequence[Member], split_file: str | Path | None) -> HeldoutSplit:
+    """Load ``split_file``, or else the split a run member trained on."""
+    from backbones.checkpoint import split_path
+    if split_file is not None:
+        return HeldoutSplit.load(split_file)
     for m in members:
-        if isinstance(m, RunMember) and (m.run_dir / "split.json").is_file():
-            return HoldoutSplit.load(m.run_dir / "split.json")
+        if isinstance(m, RunMember) and split_path(m.run_dir).is_file():
+            return HeldoutSplit.load(split_path(m.run_dir))
     raise MemberCheckError("no held-out split: pass --split SPLIT.json (the split the members were trained on)")
 
 
-def train_ids_for(data: Path, split: HoldoutSplit, max_images: int | None, seed: int) -> list[str]:
+def train_ids_for(data: Path, split: HeldoutSplit, max_images: int | None, seed: int) -> list[str]:
     """Image ids of the split's train classes (a seeded subsample of ``max_images`` when given)."""
     index = scan_train(data).subset(split.train_classes)
     ids = list(index.ids)
@@ -133,22 +133,17 @@ def describe_sets(members: Sequence[Member], data: Path, ids: dict[str, list[str
     steps = tqdm(total=len(members) * len(ids), desc="members x sets", disable=not progress, file=sys.stderr)
     for s, s_ids in ids.items():
         paths = [root / i for i in s_ids]
-        full, ok = [], np.ones(len(paths), dtype=bool)
-        for m in members:
-            desc, m_ok = m.describe(paths, set_name=s if s == "train" else f"heldout-{s}", root=str(root),
-                                    progress=progress)
-            full.append(expand_rows(desc, m_ok))
-            ok &= np.asarray(m_ok, bool)
-            steps.update(1)
+        descs, ok = describe_all(members, paths, set_name=s if s == "train" else f"heldout-{s}", root=str(root),
+                                 progress=progress, on_member=lambda: steps.update(1))
         unreadable += [str(p) for p, good in zip(paths, ok) if not good]
         kept_ids[s] = [i for i, good in zip(s_ids, ok) if good]
-        for mi, f in enumerate(full):
-            out[mi][s] = f[ok]
+        for mi, d in enumerate(descs):
+            out[mi][s] = d
     steps.close()
     return kept_ids, out, unreadable
 
 
-def build_bundle(members: Sequence[Member], data: str | Path, split: HoldoutSplit, out: str | Path,
+def build_bundle(members: Sequence[Member], data: str | Path, split: HeldoutSplit, out: str | Path,
                  options: BuildOptions | None = None) -> tuple[Bundle, BuildSummary]:
     """Check the members, describe the train and held-out sets, and write the bundle to ``out``."""
     t0 = time.time()

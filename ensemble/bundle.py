@@ -31,14 +31,13 @@ from typing import Sequence
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from backbones.fileio import atomic_path, atomic_write_json, sha256_file
+from competition.fileio import atomic_path, atomic_write_json, sha256_file
+from competition.split import HeldoutSplit
 from ensemble.combine import l2_normalize
 from ensemble.members import Member, member_from_spec
 from ensemble.model import Ensemble
 from ensemble.postprocess import PostProcessing, fit_whitening_for
 from ensemble.whitening import Whitening
-from tuning.heldout import HeldoutSet
-from tuning.split import HoldoutSplit, split_labels
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -90,7 +89,7 @@ class Bundle:
 
     member_specs: list[dict]
     member_sources: list[dict[str, Path]]   # {file name in member folder: where it lives now}
-    split: HoldoutSplit
+    split: HeldoutSplit
     ids: dict[str, list[str]]
     descriptors: list[dict[str, np.ndarray]]
     post: PostProcessing = field(default_factory=PostProcessing)
@@ -100,7 +99,7 @@ class Bundle:
 
     # -- construction -----------------------------------------------------------
     @classmethod
-    def from_members(cls, members: Sequence[Member], split: HoldoutSplit, ids: dict[str, Sequence[str]],
+    def from_members(cls, members: Sequence[Member], split: HeldoutSplit, ids: dict[str, Sequence[str]],
                      descriptors: Sequence[dict[str, np.ndarray]], post: PostProcessing | None = None) -> "Bundle":
         """Assemble a bundle from members and their per-set descriptors (stored as float16)."""
         names = [m.name for m in members]
@@ -218,7 +217,7 @@ class Bundle:
         try:
             specs = json.loads((path / "ensemble.json").read_text())["members"]
             post = PostProcessing.from_dict(json.loads((path / "postprocessing.json").read_text()))
-            split = HoldoutSplit.load(path / "split.json")
+            split = HeldoutSplit.load(path / "split.json")
             ids = json.loads((path / "descriptors" / "ids.json").read_text())
             descs = []
             for spec in specs:
@@ -243,22 +242,13 @@ class Bundle:
         return bundle
 
     # -- use --------------------------------------------------------------------
-    def heldout_set(self) -> HeldoutSet:
-        """Return the ``HeldoutSet`` (float32 unit rows) of the cached held-out and train descriptors."""
-        def f32(a: np.ndarray) -> np.ndarray:
-            return l2_normalize(np.asarray(a, dtype=np.float32))
-        return HeldoutSet(
-            member_names=self.member_names,
-            query=[f32(d["query"]) for d in self.descriptors],
-            reference=[f32(d["reference"]) for d in self.descriptors],
-            train=[f32(d["train"]) for d in self.descriptors],
-            query_labels=np.asarray(split_labels(self.ids["query"])),
-            reference_labels=np.asarray(split_labels(self.ids["reference"])),
-        )
+    def set_descriptors(self, set_name: str) -> list[np.ndarray]:
+        """Per member (n, d_m) float32 unit rows of one cached set ("query", "reference" or "train")."""
+        return [l2_normalize(d[set_name]) for d in self.descriptors]
 
     def train_descriptors(self) -> list[np.ndarray]:
         """Per member (n_train, d_m) float32 unit rows of the train-class images."""
-        return [l2_normalize(np.asarray(d["train"], dtype=np.float32)) for d in self.descriptors]
+        return self.set_descriptors("train")
 
     def set_postprocessing(self, post: PostProcessing, save: bool = True) -> None:
         """Adopt ``post``, refit whitening on the cached train-class descriptors, and rewrite

@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from backbones.fileio import atomic_path, atomic_write_json
+from competition.fileio import atomic_path, atomic_write_json
+from ensemble.combine import l2_normalize
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -176,10 +177,9 @@ class DescriptorCache:
             src = np.fromiter((r for _, r in pairs), dtype=np.int64, count=len(pairs))
             out[dst] = data[src]
             del data
-        if out.dtype == np.float32:  # unit rows, normalised in place block by block (no second copy)
+        if out.dtype == np.float32:  # unit rows again after float16 storage, block by block
             for start in range(0, len(out), self.chunk_rows):
-                blk = out[start:start + self.chunk_rows]
-                blk /= np.maximum(np.linalg.norm(blk, axis=1, keepdims=True), 1e-12)
+                out[start:start + self.chunk_rows] = l2_normalize(out[start:start + self.chunk_rows])
         return out
 
     def get(self, paths: Sequence[str | os.PathLike], extract: ExtractFn, *, root: str | os.PathLike | None = None,

@@ -1,7 +1,7 @@
 """Weighted concatenation of member descriptors.
 
-Each member's descriptors are L2-normalised and multiplied by sqrt(w_m / sum(w)),
-then concatenated. The cosine similarity of two concatenations is then the weighted
+Each member's descriptors (unit rows, as members return them) are multiplied by
+sqrt(w_m / sum(w)), then concatenated. The cosine similarity of two concatenations is then the weighted
 mean of the members' cosine similarities, sum_m w_m cos_m / sum_m w_m, and the
 concatenation is already unit length.
 """
@@ -13,7 +13,8 @@ import numpy as np
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Return float32 rows scaled to unit length (zero rows stay zero)."""
+    """Return float32 rows scaled to unit length (zero rows stay zero); the one place where
+    stored (float16) or foreign descriptors become the unit rows the kit works on."""
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, eps)
@@ -32,12 +33,12 @@ def normalize_weights(weights: Sequence[float] | None, n_members: int) -> np.nda
 
 
 def concatenate(member_desc: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
-    """Return the (n, sum d_m) float32 weighted concatenation of the members' (n, d_m) descriptors."""
+    """Return the (n, sum d_m) float32 weighted concatenation of the members' (n, d_m) unit rows."""
     if not member_desc:
         raise ValueError("no member descriptors to combine")
     n = {len(d) for d in member_desc}
     if len(n) != 1:
         raise ValueError(f"members describe different numbers of images: {[len(d) for d in member_desc]}")
     w = normalize_weights(weights, len(member_desc))
-    parts = [l2_normalize(d) * np.float32(np.sqrt(wm)) for d, wm in zip(member_desc, w)]
+    parts = [np.asarray(d, np.float32) * np.float32(np.sqrt(wm)) for d, wm in zip(member_desc, w)]
     return np.concatenate(parts, axis=1)

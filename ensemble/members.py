@@ -25,13 +25,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from backbones.data import image_name
-from backbones.fileio import sha256_file
+from competition.data import image_name
+from competition.fileio import sha256_file
 from ensemble.cache import cached_describe
 from ensemble.combine import l2_normalize
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 # extract(model_or_run_dir, paths, **kw) -> (desc (n_ok, d), ok (n,)); the signature of
 # backbones.extract.extract_descriptors.
@@ -105,27 +102,25 @@ class RunMember(Member):
                  extractor: Extractor | None = None, cache_dir: str | os.PathLike | None = None,
                  fingerprint: str | None = None, **kw) -> "RunMember":
         """Open a run directory; ``fingerprint`` skips re-hashing weights already verified."""
+        from backbones import checkpoint
         run_dir = Path(run_dir)
-        cfg_path, w_path = run_dir / CONFIG_FILE, run_dir / WEIGHTS_FILE
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise MemberError(f"{run_dir}: not a backbone run directory ({p.name} missing)")
         try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise MemberError(f"{cfg_path}: not valid JSON ({exc})") from exc
+            config = checkpoint.read_config(run_dir)
+        except (OSError, ValueError) as exc:
+            raise MemberError(str(exc)) from exc
         dim = config.get("embedding_dim", config.get("model", {}).get("embedding_dim"))
         classes = config.get("train_classes", config.get("classes"))  # backbones.train writes train_classes
         return cls(name=name or config.get("name") or run_dir.name,
                    dim=None if dim is None else int(dim),
-                   fingerprint=fingerprint or sha256_file(w_path),
+                   fingerprint=fingerprint or sha256_file(checkpoint.run_files(run_dir)[checkpoint.WEIGHTS_FILE]),
                    split_hash=config.get("split_hash"),
                    train_classes=None if classes is None else tuple(classes),
                    run_dir=run_dir, config=config, tta=tta or TTA(), extractor=extractor,
                    cache_dir=None if cache_dir is None else Path(cache_dir), **kw)
 
     def files(self) -> dict[str, Path]:
-        return {WEIGHTS_FILE: self.run_dir / WEIGHTS_FILE, CONFIG_FILE: self.run_dir / CONFIG_FILE}
+        from backbones.checkpoint import run_files
+        return run_files(self.run_dir)
 
     def spec(self) -> dict:
         return {**super().spec(), "tta": self.tta.to_dict()}
@@ -135,7 +130,8 @@ class RunMember(Member):
                   scales=tuple(self.tta.scales), workers=self.workers, progress=progress)
         if self.extractor is not None:
             return self.extractor(self.run_dir, list(paths), **kw)
-        from backbones.extract import extract_descriptors, load_run
+        from backbones.checkpoint import load_run
+        from backbones.extract import extract_descriptors
         if self._model is None:  # load once, reuse for every image set
             self._model, self.config = load_run(self.run_dir, self.device)
         return extract_descriptors(self._model, list(paths), config=self.config, **kw)
@@ -152,7 +148,7 @@ class RunMember(Member):
             return np.zeros((0, self.dim or 0), np.float32), np.zeros(0, bool)
         if self.cache_dir is None:
             desc, ok = self._extract(paths, progress)
-            return l2_normalize(desc), np.asarray(ok, bool)
+            return np.asarray(desc, np.float32), np.asarray(ok, bool)
         folder = self.cache_dir / f"{self.name}-{self.fingerprint[:12]}" / set_name
         res = cached_describe(folder, paths, lambda ps: self._extract(ps, progress),
                               fingerprint=self.fingerprint, settings=self.tta.to_dict(), root=root,
@@ -260,6 +256,27 @@ class FileMember(Member):
             order = np.argsort(np.argsort(rows_a[ok], kind="stable"), kind="stable")
             desc = desc[order]
         return l2_normalize(desc), ok
+
+
+def describe_all(members: Sequence[Member], paths: Sequence[str | os.PathLike], *, set_name: str = "images",
+                 root: str | None = None, progress: bool = False,
+                 on_member: Callable[[], None] | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Return ([per member (n_ok, d_m) float32 unit rows], ok (n,) bool): the images every member describes.
+
+    ``on_member`` is called after each member (a progress hook).
+    """
+    paths = [Path(p) for p in paths]
+    full, ok = [], np.ones(len(paths), dtype=bool)
+    for m in members:
+        desc, m_ok = m.describe(paths, set_name=set_name, root=root, progress=progress)
+        m_ok = np.asarray(m_ok, bool)
+        rows = np.zeros((len(paths), desc.shape[1]), dtype=np.float32)
+        rows[m_ok] = desc
+        full.append(rows)
+        ok &= m_ok
+        if on_member is not None:
+            on_member()
+    return [f[ok] for f in full], ok
 
 
 def open_member(path: str | os.PathLike, **kw) -> Member:

@@ -15,13 +15,12 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ensemble.combine import l2_normalize
-from ensemble.members import Member
+from ensemble.members import Member, describe_all
 from ensemble.postprocess import PostProcessing, ensemble_descriptors, fit_whitening_for
 from ensemble.whitening import Whitening
 
@@ -40,13 +39,6 @@ class Ranking:
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         """``np.asarray(ranking)`` is ``ranking.indices`` (so it can stand where indices are expected)."""
         return self.indices if dtype is None else self.indices.astype(dtype)
-
-
-def expand_rows(desc: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """Return an (len(ok), d) array with ``desc`` in the ok rows and zeros elsewhere."""
-    out = np.zeros((len(ok), desc.shape[1]), dtype=np.float32)
-    out[np.asarray(ok, bool)] = desc
-    return out
 
 
 class Ensemble:
@@ -79,13 +71,7 @@ class Ensemble:
     def member_descriptors(self, paths: Sequence[str | os.PathLike], *, set_name: str = "images",
                            progress: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
         """Return ([per member (n_ok, d_m) float32], ok (n,)): rows of images every member describes."""
-        paths = [Path(p) for p in paths]
-        full, ok = [], np.ones(len(paths), dtype=bool)
-        for m in self.members:
-            desc, m_ok = m.describe(paths, set_name=set_name, progress=progress)
-            full.append(expand_rows(desc, m_ok))
-            ok &= np.asarray(m_ok, bool)
-        return [f[ok] for f in full], ok
+        return describe_all(self.members, paths, set_name=set_name, progress=progress)
 
     def fit_whitening(self, train_paths: Sequence[str | os.PathLike], progress: bool = False) -> Whitening | None:
         """Fit (and keep) the whitening ``post`` asks for on train-class images; never pass test images."""

@@ -9,7 +9,7 @@ implementation that tuning and inference share.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
 
 import numpy as np
@@ -42,10 +42,13 @@ class PostProcessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PostProcessing":
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
         d = dict(d)
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown PostProcessing keys: {sorted(unknown)}")
         rerank = RerankParams.from_dict(d.pop("rerank", {}))
-        known = {k: d[k] for k in ("weights", "whiten", "whiten_dim", "whiten_power", "whiten_shrinkage") if k in d}
-        return cls(rerank=rerank, **known)
+        return cls(rerank=rerank, **d)
 
 
 def fit_whitening_for(train_member_desc: Sequence[np.ndarray], post: PostProcessing) -> Whitening | None:

@@ -5,10 +5,11 @@ dtypes are converted, non-unit rows are normalised with a warning) and return
 rankings best first.  See :func:`rerank` for the composed pipeline.
 """
 
+from .device import resolve_device
 from .expansion import alpha_query_expansion, database_augmentation
 from .kreciprocal import k_reciprocal
 from .pipeline import RerankParams, rerank
-from .search import resolve_device, search
+from .search import search
 
 __all__ = [
     "RerankParams",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._checks import check_count, check_descriptors, check_nonneg, check_pair
-from .search import build_index, resolve_device, search_index
+from .search import build_index, faiss_device, search_index
 
 __all__ = ["alpha_query_expansion", "database_augmentation"]
 
@@ -48,7 +48,7 @@ def alpha_query_expansion(query_desc: np.ndarray, ref_desc: np.ndarray, n: int,
     alpha = check_nonneg(alpha, "alpha")
     if n == 0:
         return q
-    dev = resolve_device(device)
+    dev = faiss_device(device)
     idx = build_index(r, dev)
     sims, nbr = search_index(idx, q, n, batch_size)
     return _weighted_sum(q, r, sims, nbr, alpha, True, batch_size)
@@ -72,7 +72,7 @@ def database_augmentation(ref_desc: np.ndarray, n: int, alpha: float = 3.0,
     alpha = check_nonneg(alpha, "alpha")
     if n <= 1:
         return r
-    dev = resolve_device(device)
+    dev = faiss_device(device)
     idx = build_index(r, dev)
     sims, nbr = search_index(idx, r, n, batch_size)
     return _weighted_sum(r, r, sims, nbr, alpha, False, batch_size)

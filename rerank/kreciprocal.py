@@ -38,9 +38,8 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from ._checks import (check_count, check_pair, check_unit_interval, clamp_top_k,
-                      progress_enabled)
-from .search import build_index, resolve_device, search_index
+from ._checks import check_count, check_pair, check_unit_interval, clamp_top_k, progress_enabled
+from .search import build_index, faiss_device, search_index
 
 __all__ = ["k_reciprocal"]
 
@@ -256,7 +255,7 @@ def k_reciprocal(query_desc: np.ndarray, ref_desc: np.ndarray, k1: int = 20, k2:
     query_block = check_count(query_block, "query_block", 1)
     gemm_block = check_count(gemm_block, "gemm_block", 1)
     show = progress_enabled(progress)
-    dev = resolve_device(device)
+    dev = faiss_device(device)
 
     X = np.concatenate([q, r])
     sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)

@@ -3,9 +3,9 @@
 ``search`` is exact by default (``IndexFlatIP``).  For galleries in the
 millions an approximate index can be chosen with ``index="hnsw"`` or
 ``index="ivf"``.  The device is a parameter: ``device="cuda"`` moves the
-index to a GPU when faiss was built with GPU support and a GPU is visible,
-otherwise it falls back to the CPU with a ``RuntimeWarning`` -- the rest of
-the code path is identical.
+index to a GPU when faiss was built with GPU support and a GPU is visible
+(``"cuda:N"`` picks GPU N), otherwise it falls back to the CPU with a
+``RuntimeWarning`` -- the rest of the code path is identical.
 """
 
 from __future__ import annotations
@@ -18,34 +18,26 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ._checks import check_count, check_pair, clamp_top_k, progress_enabled
+from .device import faiss_gpu_count, resolve_device
 
-__all__ = ["search", "resolve_device"]
+__all__ = ["faiss_device", "search"]
 
 _INDEX_KINDS = ("flat", "hnsw", "ivf")
 
 
-def resolve_device(device: str) -> str:
-    """Return ``"cuda"`` if a faiss GPU index can be used, else ``"cpu"``.
-
-    ``device`` must be ``"cpu"`` or ``"cuda"`` (``"cuda:N"`` is accepted and
-    treated as GPU 0).  Asking for CUDA without faiss-gpu or without a visible
-    GPU warns and returns ``"cpu"``.
-    """
-    dev = str(device).lower()
-    if dev == "cpu":
-        return "cpu"
-    if not dev.startswith("cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    n_gpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if not hasattr(faiss, "StandardGpuResources") or n_gpu < 1:
+def faiss_device(device: str) -> str:
+    """Resolve ``device`` (see :func:`rerank.device.resolve_device`) for a faiss index:
+    ``"cpu"`` or ``"cuda:N"``; a GPU device without faiss-gpu warns and gives ``"cpu"``."""
+    dev = resolve_device(device)
+    if dev != "cpu" and faiss_gpu_count() < 1:
         warnings.warn(
-            "device='cuda' requested but faiss-gpu or a GPU is not available; "
-            "falling back to CPU",
+            f"device {device!r} requested but this faiss has no GPU support "
+            "(install faiss-gpu); searching on the CPU",
             RuntimeWarning,
             stacklevel=3,
         )
         return "cpu"
-    return "cuda"
+    return dev
 
 
 _GPU_RES = None
@@ -53,11 +45,11 @@ _GPU_RES = None
 
 def _to_device(index: "faiss.Index", device: str) -> "faiss.Index":
     global _GPU_RES
-    if device != "cuda":
+    if device == "cpu":
         return index
     if _GPU_RES is None:
         _GPU_RES = faiss.StandardGpuResources()
-    return faiss.index_cpu_to_gpu(_GPU_RES, 0, index)
+    return faiss.index_cpu_to_gpu(_GPU_RES, int(device.split(":")[1]), index)
 
 
 def build_index(base: np.ndarray, device: str = "cpu", index: str = "flat",
@@ -65,7 +57,7 @@ def build_index(base: np.ndarray, device: str = "cpu", index: str = "flat",
                 nprobe: int = 16, seed: int = 0) -> "faiss.Index":
     """Build an inner-product faiss index over float32 unit rows ``base`` (n, d).
 
-    ``device`` must already be resolved (see :func:`resolve_device`).  HNSW
+    ``device`` must already be resolved (see :func:`faiss_device`).  HNSW
     has no faiss GPU version and always stays on the CPU.
     """
     n, d = base.shape
@@ -148,7 +140,7 @@ def search(query_desc: np.ndarray, ref_desc: np.ndarray, k: int, device: str = "
     q, r = check_pair(query_desc, ref_desc)
     k = clamp_top_k(k, r.shape[0], "k")
     batch_size = check_count(batch_size, "batch_size", 1)
-    dev = resolve_device(device)
+    dev = faiss_device(device)
     idx = build_index(r, dev, index, hnsw_m=hnsw_m, ef_search=max(ef_search, k),
                       nlist=nlist, nprobe=nprobe)
     scores, indices = search_index(idx, q, k, batch_size, progress_enabled(progress))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backbones.extract import extract_descriptors, retrieval_scores
+from backbones.extract import extract_descriptors, search_scores
 from backbones.model import build_model
 
 CONFIG = {"image_size": 32}
@@ -19,8 +19,8 @@ def _paths(root):
     return sorted((root / "test" / "test_data" / "reference").iterdir())
 
 
-def test_shape_order_and_unit_norm(backbones_dataset, backbones_model):
-    paths = _paths(backbones_dataset)[::-1]  # any order: output follows the input
+def test_shape_order_and_unit_norm(image_dataset, backbones_model):
+    paths = _paths(image_dataset)[::-1]  # any order: output follows the input
     desc, ok = extract_descriptors(backbones_model, paths, config=CONFIG, batch_size=5, progress=False)
     assert desc.shape == (len(paths), 16) and desc.dtype == np.float32 and ok.all()
     assert np.allclose(np.linalg.norm(desc, axis=1), 1.0, atol=1e-5)
@@ -29,11 +29,11 @@ def test_shape_order_and_unit_norm(backbones_dataset, backbones_model):
         assert np.allclose(one[0], desc[i], atol=1e-5)
 
 
-def test_unreadable_images_are_skipped_named_and_masked(backbones_dataset, backbones_model, tmp_path):
+def test_unreadable_images_are_skipped_named_and_masked(image_dataset, backbones_model, tmp_path):
     bad1, bad2 = tmp_path / "broken.jpg", tmp_path / "empty.png"
     bad1.write_bytes(b"\xff\xd8garbage")
     bad2.write_bytes(b"")
-    good = _paths(backbones_dataset)[:4]
+    good = _paths(image_dataset)[:4]
     paths = [good[0], bad1, good[1], good[2], bad2, good[3]]
     with pytest.warns(UserWarning, match=r"broken\.jpg|empty\.png") as rec:
         desc, ok = extract_descriptors(backbones_model, paths, config=CONFIG, batch_size=2, progress=False)
@@ -44,8 +44,8 @@ def test_unreadable_images_are_skipped_named_and_masked(backbones_dataset, backb
     assert desc.shape == (4, 16) and np.allclose(desc, ref, atol=1e-5)
 
 
-def test_flip_and_multiscale_tta(backbones_dataset, backbones_model):
-    paths = _paths(backbones_dataset)[:3]
+def test_flip_and_multiscale_tta(image_dataset, backbones_model):
+    paths = _paths(image_dataset)[:3]
     desc, ok = extract_descriptors(backbones_model, paths, config=CONFIG, flip=True, scales=(1.0, 1.5),
                                    progress=False)
     plain, _ = extract_descriptors(backbones_model, paths, config=CONFIG, progress=False)
@@ -60,5 +60,5 @@ def test_exact_cosine_retrieval_scores():
     queries = refs[[3, 17]] + 0.01
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     labels = list(range(50))
-    s = retrieval_scores(queries, [3, 17], refs, labels)
-    assert s["map@1000"] == 1.0 and s["recall@1"] == 1.0
+    s = search_scores(queries, [3, 17], refs, labels)
+    assert s["map_at_k"] == 1.0 and s["recall_at_1"] == 1.0

@@ -12,28 +12,28 @@ import numpy as np
 import torch
 
 from backbones.checkpoint import load_weights
-from backbones.data import scan_train
 from backbones.heads import MetricLoss, make_head
 from backbones.model import build_model
 from backbones.train import TrainConfig, parse_args, train
 from backbones.transforms import eval_transform
-from tuning.split import make_split
+from competition.data import scan_train
+from competition.split import make_split
 
 TINY = "mobilenetv3_small_050"
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(data), out=str(out), arch=TINY, image_size=32, p=4, k=2, epochs=3, lr=5e-3,
+    base = dict(data=str(data), out=str(out), arch=TINY, image_size=32, classes_per_batch=4, images_per_class=2, epochs=3, lr=5e-3,
                 embedding_dim=16, workers=0, progress=False, warmup_epochs=0.5, scale=16.0)
     return TrainConfig(**{**base, **kw})
 
 
-def test_few_steps_lower_the_loss(backbones_dataset):
+def test_few_steps_lower_the_loss(image_dataset):
     torch.manual_seed(0)
-    index = scan_train(backbones_dataset)
+    index = scan_train(image_dataset)
     tf = eval_transform(32, (0.5,) * 3, (0.25,) * 3)
-    from backbones.data import load_image
+    from competition.data import load_image
     picks = list(range(0, len(index), 4))[:12]
     x = torch.stack([tf(load_image(index.paths[i])) for i in picks])
     classes = sorted(set(index.labels))
@@ -60,15 +60,15 @@ def _break_images(root: Path) -> tuple[str, str]:
     return f"{train_c}/zz_broken.jpg", f"{held_c}/zz_broken.jpg"
 
 
-def test_resume_matches_uninterrupted_run(backbones_dataset, tmp_path):
-    _break_images(backbones_dataset)
+def test_resume_matches_uninterrupted_run(image_dataset, tmp_path):
+    _break_images(image_dataset)
     kw = dict(ema=0.5, triplet_weight=0.5, color_jitter=0.3, epochs=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        full = train(_cfg(backbones_dataset, tmp_path / "full", **kw))
-        part = train(_cfg(backbones_dataset, tmp_path / "part", stop_after_epoch=1, **kw))
+        full = train(_cfg(image_dataset, tmp_path / "full", **kw))
+        part = train(_cfg(image_dataset, tmp_path / "part", stop_after_epoch=1, **kw))
         assert part["epoch"] == 1
-        resumed = train(_cfg(backbones_dataset, tmp_path / "part", resume=True, **kw))
+        resumed = train(_cfg(image_dataset, tmp_path / "part", resume=True, **kw))
     assert full["epoch"] == resumed["epoch"] == 2
     assert full["bad_images"] == 1
     for name in ("last/model.safetensors", "model.safetensors"):
@@ -83,12 +83,12 @@ def test_resume_matches_uninterrupted_run(backbones_dataset, tmp_path):
     assert (tmp_path / "full" / "split.json").is_file() and (tmp_path / "full" / "loss.png").stat().st_size > 0
 
 
-def test_ddp_two_process_gloo_writes_one_checkpoint(backbones_dataset, tmp_path):
+def test_ddp_two_process_gloo_writes_one_checkpoint(image_dataset, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "backbones.train", "--arch", TINY, "--data", str(backbones_dataset), "--out", str(out),
-           "--image-size", "32", "--batch-size", "6", "--k", "2", "--epochs", "1", "--embedding-dim", "16",
+           "-m", "backbones.train", "--arch", TINY, "--data", str(image_dataset), "--out", str(out),
+           "--image-size", "32", "--batch-size", "6", "--images-per-class", "2", "--epochs", "1", "--embedding-dim", "16",
            "--workers", "0", "--device", "cpu", "--no-progress", "--head", "cosface"]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -98,18 +98,18 @@ def test_ddp_two_process_gloo_writes_one_checkpoint(backbones_dataset, tmp_path)
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
 
 
-def test_cli_softmax_sgd_accum_then_extract_cli(backbones_dataset, tmp_path):
+def test_cli_softmax_sgd_accum_then_extract_cli(image_dataset, tmp_path):
     from backbones.extract import main as extract_main
 
-    cfg = parse_args(["--data", str(backbones_dataset), "--out", str(tmp_path / "run"), "--arch", TINY,
-                      "--image-size", "32", "--batch-size", "8", "--k", "2", "--epochs", "1", "--head", "softmax",
+    cfg = parse_args(["--data", str(image_dataset), "--out", str(tmp_path / "run"), "--arch", TINY,
+                      "--image-size", "32", "--batch-size", "8", "--images-per-class", "2", "--epochs", "1", "--head", "softmax",
                       "--optimizer", "sgd", "--grad-accum", "2", "--max-steps", "1", "--embedding-dim", "8",
                       "--workers", "0", "--no-progress", "--crop-scale", "0.5", "1.0", "--val-at-start", "--freeze-bn"])
-    assert cfg.p == 4 and cfg.crop_scale == (0.5, 1.0) and cfg.max_steps == 1
+    assert cfg.classes_per_batch == 4 and cfg.crop_scale == (0.5, 1.0) and cfg.max_steps == 1
     assert train(cfg)["epoch"] == 1
     log = [json.loads(ln) for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1] and log[0]["loss"] is None and log[0]["val"]
-    query = backbones_dataset / "test" / "test_data" / "query"
+    query = image_dataset / "test" / "test_data" / "query"
     out = tmp_path / "q.npy"
     assert extract_main(["--run", str(tmp_path / "run"), "--images", str(query), "--out", str(out),
                          "--workers", "0", "--flip"]) == 0

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+from _image_data import train_paths
 
 from ensemble.build import BuildOptions, MemberCheckError, build_bundle, check_members, main, train_ids_for
 from ensemble.bundle import Bundle
@@ -15,8 +16,7 @@ def _run(env, name, **kw):
 
 def _file_member(env, name, meta=None):
     """A FileMember holding descriptors for every train image, named by id."""
-    ids = sorted(p.relative_to(env.data / "train" / "train_data").as_posix()
-                 for p in (env.data / "train" / "train_data").glob("*/*.png"))
+    ids = sorted(p.relative_to(env.data / "train" / "train_data").as_posix() for p in train_paths(env.data))
     rng = np.random.default_rng(len(name))
     np.save(env.root / f"{name}.npy", rng.normal(size=(len(ids), 4)).astype(np.float32))
     (env.root / f"{name}.txt").write_text("\n".join(ids) + "\n")
@@ -76,7 +76,7 @@ def test_unreadable_heldout_image_is_left_out_and_reported(ens_env):
                                        BuildOptions(progress=False))
     assert summary.unreadable == [str(bad)]
     assert bundle.ids["reference"] == list(ens_env.split.reference_ids[1:])
-    assert bundle.heldout_set().reference[0].shape[0] == len(ens_env.split.reference_ids) - 1
+    assert bundle.set_descriptors("reference")[0].shape[0] == len(ens_env.split.reference_ids) - 1
 
 
 def test_cli_builds_from_descriptor_files_and_refuses_leakage(ens_env, capsys):

@@ -1,4 +1,4 @@
-"""Ensemble bundle: round trip, integrity checks, held-out set, post-processing refit."""
+"""Ensemble bundle: round trip, integrity checks, post-processing refit."""
 import json
 import os
 
@@ -44,26 +44,12 @@ def test_build_writes_a_bundle_that_round_trips_bit_exactly(ens_env):
     assert not [p for p in ens_env.root.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
-def test_heldout_set_shapes_and_labels(ens_env):
-    bundle, _ = _build(ens_env, max_train_images=10)
-    hs = bundle.heldout_set()
-    split = ens_env.split
-    assert hs.member_names == ["a", "b"]
-    assert [q.shape for q in hs.query] == [(len(split.query_ids), 8), (len(split.query_ids), 5)]
-    assert [r.shape for r in hs.reference] == [(len(split.reference_ids), 8), (len(split.reference_ids), 5)]
-    assert [t.shape for t in hs.train] == [(10, 8), (10, 5)]
-    assert hs.query_labels.tolist() == [i.split("/")[0] for i in split.query_ids]
-    assert set(hs.reference_labels) == set(split.heldout_classes)
-    assert not set(c.split("/")[0] for c in bundle.ids["train"]) & set(split.heldout_classes)
-    assert np.allclose(np.linalg.norm(hs.query[0], axis=1), 1.0, atol=1e-6)
-
-
 def test_set_postprocessing_refits_whitening_and_persists(ens_env):
     bundle, _ = _build(ens_env)
     post = PostProcessing(weights=[2.0, 1.0], whiten=True, whiten_dim=6, whiten_power=0.5,
                           rerank=RerankParams(aqe_n=2))
     bundle.set_postprocessing(post)
-    expected = fit_whitening_for(bundle.heldout_set().train, post)
+    expected = fit_whitening_for(bundle.train_descriptors(), post)
     assert np.array_equal(bundle.whitening.components, expected.components)
     loaded = Bundle.load(ens_env.root / "B")
     assert loaded.post.to_dict() == post.to_dict()
@@ -110,8 +96,7 @@ def test_bundle_is_relocatable_and_ranks(ens_env):
     # the ensemble reproduces the cached held-out descriptors it was tuned on
     desc, ok = ens.describe(queries)
     from ensemble.postprocess import ensemble_descriptors
-    hs = loaded.heldout_set()
-    tuned = ensemble_descriptors(hs.query, loaded.post, loaded.whitening)
+    tuned = ensemble_descriptors(loaded.set_descriptors("query"), loaded.post, loaded.whitening)
     assert ok.all() and np.allclose(desc, tuned, atol=5e-3)
     # re-saving over an existing bundle swaps it in place; saving elsewhere writes a copy
     loaded.save(moved)

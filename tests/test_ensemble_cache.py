@@ -2,16 +2,12 @@
 import json
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _image_data import train_paths as _paths
 
 from ensemble.cache import DescriptorCache, cached_describe
-
-
-def _paths(data: Path) -> list[Path]:
-    return sorted((data / "train" / "train_data").glob("*/*.png"))
 
 
 def _cache(env, folder="c", fp="fp1", settings=None, chunk_rows=8192):
@@ -44,7 +40,7 @@ def test_cache_extracts_only_new_or_changed_images(ens_env):
     assert np.allclose(res.desc[1], res.desc[-1], atol=2e-3)  # the replaced image got its new descriptor
 
     # add one, remove one
-    new = paths[0].parent / "new.png"
+    new = paths[0].parent / "new.jpg"
     shutil.copyfile(paths[5], new)
     n_images = len(ens_env.extractor.images)
     asked = [new] + paths[1:]  # paths[0] no longer asked for

@@ -4,13 +4,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _image_data import train_paths as _train_paths
 
-from backbones.fileio import sha256_file
-from ensemble.members import FileMember, MemberError, RunMember, TTA, open_member
-
-
-def _train_paths(data: Path) -> list[Path]:
-    return sorted((data / "train" / "train_data").glob("*/*.png"))
+from competition.fileio import sha256_file
+from ensemble.members import TTA, FileMember, MemberError, RunMember, open_member
 
 
 def test_file_member_looks_up_descriptors_by_id_or_name(tmp_path):

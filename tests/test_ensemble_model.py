@@ -3,6 +3,7 @@ import warnings
 
 import numpy as np
 import pytest
+from _image_data import train_paths
 
 from ensemble.combine import concatenate
 from ensemble.members import open_member
@@ -34,7 +35,7 @@ def test_whitening_is_fitted_on_train_images_and_required(ens_env):
         _ensemble(ens_env, post=PostProcessing(whiten=True))
     ens = _ensemble(ens_env)
     ens.post = PostProcessing(whiten=True, whiten_dim=4)
-    train = [p for p in (ens_env.data / "train" / "train_data").glob("*/*.png")
+    train = [p for p in train_paths(ens_env.data)
              if p.parent.name in ens_env.split.train_classes]
     ens.fit_whitening(train)
     desc, _ = ens.describe(_paths(ens_env, ens_env.split.query_ids))
@@ -72,8 +73,8 @@ def test_end_to_end_with_a_real_tiny_backbone(ens_env, capsys):
     ens_env.split.save(split_path)
     run = ens_env.root / "real_run"
     cfg = train_mod.TrainConfig(data=str(ens_env.data), out=str(run), arch="mobilenetv3_small_050", image_size=32,
-                                p=2, k=2, epochs=1, embedding_dim=16, workers=0, progress=False,
-                                holdout=str(split_path), device="cpu", val_batch_size=16, max_steps=1)
+                                classes_per_batch=2, images_per_class=2, epochs=1, embedding_dim=16, workers=0, progress=False,
+                                split=str(split_path), device="cpu", val_batch_size=16, max_steps=1)
     train_mod.train(cfg)
     member = open_member(run)
     assert member.split_hash == ens_env.split.hash and member.dim == 16
@@ -92,4 +93,4 @@ def test_end_to_end_with_a_real_tiny_backbone(ens_env, capsys):
     assert np.asarray(ranking).shape == (len(queries), min(5, len(ens_env.split.reference_ids)))
     # inference reproduces the member descriptors tuning saw (float16 storage aside)
     member_desc, ok = ens.member_descriptors(queries)
-    assert ok.all() and np.allclose(member_desc[0], loaded.heldout_set().query[0], atol=2e-3)
+    assert ok.all() and np.allclose(member_desc[0], loaded.set_descriptors("query")[0], atol=2e-3)

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backbones.data import QUERY_DIR, REFERENCE_DIR, image_name, list_images, read_labels
-from backbones.synth import SynthConfig, generate
 from backbones.train import TrainConfig, train
-from tuning.metrics import mean_average_precision, rankings_from_names, recall_at_k
+from competition.data import QUERY_DIR, REFERENCE_DIR, image_name, list_images, read_labels
+from competition.metrics import mean_average_precision, recall_at_k
+from competition.submission import rankings_from_names
+from competition.synth import SynthConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def nsml_world(tmp_path_factory):
     generate(data, SynthConfig(seed=3, train_classes=8, images_per_class=5, test_classes=3,
                                queries_per_class=2, references_per_class=3, size=32))
     run = root / "run"
-    train(TrainConfig(data=str(data), out=str(run), arch="mobilenetv3_small_050", image_size=32, p=4, k=2,
+    train(TrainConfig(data=str(data), out=str(run), arch="mobilenetv3_small_050", image_size=32, classes_per_batch=4, images_per_class=2,
                       epochs=1, embedding_dim=16, workers=0, progress=False, heldout_fraction=0.4))
     env = {**os.environ, "KIT_CHECKPOINTS": str(root / "checkpoints"), "KIT_SESSION": "demo"}
     proc = subprocess.run([sys.executable, "main.py", "--mode", "train", "--data", str(data),
@@ -70,8 +71,8 @@ def test_test_mode_submission_is_valid_and_scored_like_the_metrics_module(nsml_w
 
 def test_infer_returns_the_exact_nsml_format_and_never_a_duplicate(nsml_world, monkeypatch):
     import main
+    from competition import nsml_local
     from ensemble.model import Ensemble, Ranking
-    from tuning import nsml_local
     data = nsml_world["data"]
     state = main.SessionState(str(data), top_k=1000, device="cpu")
     main.bind_model(state)

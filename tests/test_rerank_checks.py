@@ -4,10 +4,9 @@ import warnings
 
 import numpy as np
 import pytest
-
-from rerank import (RerankParams, alpha_query_expansion, database_augmentation, k_reciprocal,
-                    rerank, search)
 from _rerank_data import clustered
+
+from rerank import RerankParams, alpha_query_expansion, database_augmentation, k_reciprocal, rerank, search
 
 X = clustered(80, d=8, seed=0)
 Q, R = X[:20], X[20:]

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
+from _rerank_data import clustered
 
 from rerank import alpha_query_expansion, database_augmentation
-from _rerank_data import clustered
 
 
 def _l2n(x):

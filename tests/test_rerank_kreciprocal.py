@@ -5,9 +5,9 @@ import sys
 
 import numpy as np
 import pytest
+from _rerank_data import clustered
 
 from rerank import k_reciprocal
-from _rerank_data import clustered
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 from dense_kreciprocal import dense_k_reciprocal  # noqa: E402  (the single dense reference)

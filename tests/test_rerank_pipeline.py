@@ -3,10 +3,9 @@ import warnings
 
 import numpy as np
 import pytest
-
-from rerank import (RerankParams, alpha_query_expansion, database_augmentation, k_reciprocal,
-                    rerank, search)
 from _rerank_data import clustered
+
+from rerank import RerankParams, alpha_query_expansion, database_augmentation, k_reciprocal, rerank, search
 
 
 def test_params_round_trip_json():

@@ -1,11 +1,10 @@
 import warnings
 
-import faiss
 import numpy as np
 import pytest
+from _rerank_data import clustered
 
 from rerank import resolve_device, search
-from _rerank_data import clustered
 
 
 def _brute(q, r, k):
@@ -52,14 +51,34 @@ def test_unknown_index_kind():
         search(x[:5], x[5:], 3, index="lsh")
 
 
-def test_device_resolution():
+def test_device_resolution(monkeypatch):
+    import rerank.device as device_mod
+
     assert resolve_device("cpu") == "cpu"
-    with pytest.raises(ValueError, match="device"):
-        resolve_device("tpu")
-    if faiss.get_num_gpus() == 0 or not hasattr(faiss, "StandardGpuResources"):
-        x = clustered(50, d=8)
-        with pytest.warns(RuntimeWarning, match="falling back to CPU"):
-            _, idx = search(x[:5], x[5:], 3, device="cuda")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            assert np.array_equal(idx, search(x[:5], x[5:], 3)[1])
+    for bad in ("tpu", "cuda:x", "gpu0"):
+        with pytest.raises(ValueError, match="device"):
+            resolve_device(bad)
+    monkeypatch.setattr(device_mod, "_visible_gpus", lambda: 2)   # a machine with two GPUs
+    assert (resolve_device("auto"), resolve_device("cuda"), resolve_device("CUDA:1")) == ("cuda:0", "cuda:0", "cuda:1")
+    with pytest.raises(ValueError, match="only 2 GPU"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(device_mod, "_visible_gpus", lambda: 0)   # none
+    assert resolve_device("auto") == "cpu"
+    with pytest.warns(RuntimeWarning, match="no CUDA GPU is visible"):
+        assert resolve_device("cuda:1") == "cpu"
+
+
+def test_gpu_asked_without_faiss_gpu_searches_on_the_cpu(monkeypatch):
+    import importlib
+
+    import rerank.device as device_mod
+    search_mod = importlib.import_module("rerank.search")   # (``rerank.search`` the attribute is the function)
+
+    monkeypatch.setattr(device_mod, "_visible_gpus", lambda: 1)      # torch sees a GPU ...
+    monkeypatch.setattr(search_mod, "faiss_gpu_count", lambda: 0)   # ... but faiss is the CPU build
+    x = clustered(50, d=8)
+    with pytest.warns(RuntimeWarning, match="no GPU support"):
+        _, idx = search(x[:5], x[5:], 3, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert np.array_equal(idx, search(x[:5], x[5:], 3)[1])

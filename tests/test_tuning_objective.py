@@ -3,11 +3,18 @@ import numpy as np
 import optuna
 import pytest
 
+from competition.metrics import mean_average_precision, recall_at_k
 from ensemble.postprocess import PostProcessing, ensemble_descriptors, fit_whitening_for
 from rerank.pipeline import RerankParams, rerank
-from tuning.metrics import mean_average_precision, recall_at_k
-from tuning.objective import (SearchSpace, WhiteningCache, default_params, evaluate, max_whiten_dim,
-                              post_from_params, suggest_postprocessing)
+from tuning.objective import (
+    SearchSpace,
+    WhiteningCache,
+    default_params,
+    evaluate,
+    max_whiten_dim,
+    post_from_params,
+    suggest_postprocessing,
+)
 from tuning.search import split_halves
 
 

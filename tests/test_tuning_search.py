@@ -11,9 +11,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+from _tuning_data import save_heldout
 from optuna.trial import TrialState
 
-from conftest import save_tuning_heldout
 from tuning.objective import DEFAULTS_ATTR, WORKER_ATTR, default_params
 from tuning.search import SearchConfig, main, recover_stale_trials, run_search
 
@@ -25,16 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import numpy as np, optuna
+    import optuna
     import tuning.objective as obj
-    from tuning.heldout import HeldoutSet
+    from _tuning_data import load_heldout
     from tuning.search import SearchConfig, run_search
     npz, storage, n_trials, seed, delay, go = sys.argv[1:7]
-    z = np.load(npz)
-    n = len(z["member_names"])
-    h = HeldoutSet([str(s) for s in z["member_names"]], [z[f"query{i}"] for i in range(n)],
-                   [z[f"reference{i}"] for i in range(n)], [z[f"train{i}"] for i in range(n)],
-                   z["query_labels"], z["reference_labels"])
+    h = load_heldout(npz)
     slow = obj.evaluate
     def evaluate(*a, **k):
         time.sleep(float(delay))
@@ -51,10 +47,10 @@ WORKER = textwrap.dedent("""
 def _worker(tmp_path, heldout, storage, n_trials, seed, delay=0.0, go="-"):
     npz = tmp_path / "heldout.npz"
     if not npz.exists():
-        save_tuning_heldout(heldout, npz)
+        save_heldout(heldout, npz)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     return subprocess.Popen([sys.executable, str(script), str(npz), storage, str(n_trials), str(seed),
                              str(delay), str(go)], env=env, stdout=subprocess.PIPE, text=True)
 
@@ -147,9 +143,7 @@ def test_two_worker_processes_share_one_journal_and_complete_n_trials(tuning_hel
 
 
 class FakeBundle:
-    """Stands in for ensemble.bundle.Bundle: a folder, a held-out set, set_postprocessing."""
-
-    heldout = None
+    """Stands in for ensemble.bundle.Bundle: a folder and set_postprocessing."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -158,18 +152,16 @@ class FakeBundle:
     def load(cls, path):
         return cls(path)
 
-    def heldout_set(self):
-        return FakeBundle.heldout
-
     def set_postprocessing(self, post):
         (self.path / "postprocessing.json").write_text(json.dumps(post.to_dict()))
 
 
 def test_cli_writes_best_parameters_into_the_bundle_and_a_report(tuning_heldout, tmp_path, monkeypatch, capsys):
-    import ensemble.postprocess as pp
     import types
 
-    FakeBundle.heldout = tuning_heldout
+    import ensemble.postprocess as pp
+    import tuning.search as search_mod
+    monkeypatch.setattr(search_mod, "heldout_set", lambda bundle: tuning_heldout)
     monkeypatch.setitem(sys.modules, "ensemble.bundle", types.SimpleNamespace(Bundle=FakeBundle))
     bundle = tmp_path / "bundle"
     bundle.mkdir()

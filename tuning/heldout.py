@@ -1,9 +1,15 @@
-"""The held-out descriptors a tuning study works on: no image is read during a study."""
+"""The held-out descriptors a tuning study works on: no image is read during a study.
+
+``heldout_set(bundle)`` takes them from an ensemble checkpoint, which caches every
+member's descriptors of the held-out queries and references and of the train classes.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from competition.split import split_labels
 
 
 @dataclass
@@ -43,3 +49,16 @@ class HeldoutSet:
         rm = np.isin(self.reference_labels, list(keep))
         return HeldoutSet(self.member_names, [q[qm] for q in self.query], [r[rm] for r in self.reference],
                           self.train, self.query_labels[qm], self.reference_labels[rm])
+
+
+def heldout_set(bundle) -> HeldoutSet:
+    """Return the ``HeldoutSet`` (float32 unit rows) of an ``ensemble.Bundle``'s cached held-out
+    and train-class descriptors."""
+    return HeldoutSet(
+        member_names=bundle.member_names,
+        query=bundle.set_descriptors("query"),
+        reference=bundle.set_descriptors("reference"),
+        train=bundle.train_descriptors(),
+        query_labels=np.asarray(split_labels(bundle.ids["query"])),
+        reference_labels=np.asarray(split_labels(bundle.ids["reference"])),
+    )

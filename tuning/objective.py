@@ -20,12 +20,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import optuna
 
+from competition.metrics import retrieval_scores
 from ensemble.combine import normalize_weights
 from ensemble.postprocess import PostProcessing, ensemble_descriptors, fit_whitening_for
 from ensemble.whitening import Whitening
 from rerank.pipeline import RerankParams, rerank
 from tuning.heldout import HeldoutSet
-from tuning.metrics import mean_average_precision, recall_at_k
 
 DEFAULTS_ATTR = "defaults"      # user attribute of the enqueued untuned trial
 WORKER_ATTR = "worker"          # "host:pid" of the process that ran a trial
@@ -62,10 +62,7 @@ def evaluate(heldout: HeldoutSet, post: PostProcessing, k: int = 1000,
     query = ensemble_descriptors(heldout.query, post, whitening)
     reference = ensemble_descriptors(heldout.reference, post, whitening)
     _, indices = rerank(query, reference, post.rerank, top_k=min(k, len(reference)), device=device)
-    return {
-        "map_at_k": mean_average_precision(indices, heldout.query_labels, heldout.reference_labels, k=k),
-        "recall_at_1": recall_at_k(indices, heldout.query_labels, heldout.reference_labels, 1),
-    }
+    return retrieval_scores(indices, heldout.query_labels, heldout.reference_labels, k=k)
 
 
 class WhiteningCache:

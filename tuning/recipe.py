@@ -19,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from backbones.data import QUERY_DIR, REFERENCE_DIR, image_name, list_images, read_labels, scan_train
-from backbones.fileio import atomic_write_json, atomic_write_text
+from competition.data import QUERY_DIR, REFERENCE_DIR, image_name, list_images, read_labels, scan_train
+from competition.fileio import atomic_write_json, atomic_write_text
+from competition.metrics import file_keys
+from competition.split import HeldoutSplit, make_split
 from ensemble.postprocess import PostProcessing
 from rerank.pipeline import RerankParams
-from tuning.heldout import HeldoutSet
+from tuning.heldout import HeldoutSet, heldout_set
 from tuning.objective import evaluate
-from tuning.split import HoldoutSplit, make_split
 
 
 @dataclass
@@ -77,7 +78,7 @@ def prepare_data(cfg: RecipeConfig) -> Path:
     """Return the dataset root, generating the embedded default under OUT/data if needed."""
     if cfg.data:
         return Path(cfg.data)
-    from backbones.synth import SynthConfig, generate
+    from competition.synth import SynthConfig, generate
     root = Path(cfg.out) / "data"
     if not (root / "test" / "labels.csv").is_file():
         summary = generate(root, SynthConfig(seed=cfg.seed, overwrite=root.exists(), **cfg.synth))
@@ -90,13 +91,14 @@ def prepare_split(cfg: RecipeConfig, data: Path) -> Path:
     path = Path(cfg.out) / "split.json"
     if not path.is_file():
         make_split(scan_train(data), cfg.heldout, seed=cfg.seed).save(path)
-    split = HoldoutSplit.load(path)
+    split = HeldoutSplit.load(path)
     _say(f"split {split.hash}: {len(split.train_classes)} train classes, {len(split.heldout_classes)} held out")
     return path
 
 
 def train_members(cfg: RecipeConfig, data: Path, split_path: Path) -> dict[str, dict]:
     """Train (or resume, or skip) every member; return {name: {"run_dir", "seconds", ...}}."""
+    from backbones.checkpoint import can_resume
     from backbones.train import TrainConfig, train
     done: dict[str, dict] = {}
     for i, spec in enumerate(cfg.members):
@@ -107,8 +109,8 @@ def train_members(cfg: RecipeConfig, data: Path, split_path: Path) -> dict[str, 
             continue
         options = {"batch_size": cfg.batch_size, "workers": cfg.workers, "device": cfg.device,
                    "seed": cfg.seed + i, **spec.options}
-        tc = TrainConfig(data=str(data), out=str(run_dir), arch=spec.arch, holdout=str(split_path),
-                         resume=(run_dir / "last").is_dir(), **options)
+        tc = TrainConfig(data=str(data), out=str(run_dir), arch=spec.arch, split=str(split_path),
+                         resume=can_resume(run_dir), **options)
         _say(f"training member {spec.name} ({spec.arch})" + (" - resuming" if tc.resume else ""))
         t0 = time.time()
         result = train(tc)
@@ -169,43 +171,49 @@ def stage_rows(member_names: list[str], tuned: PostProcessing, n_images: int) ->
 
 def score_rows(rows: dict[str, PostProcessing], heldout: HeldoutSet, test: HeldoutSet | None,
                k: int) -> list[dict]:
-    """Score every row on the held-out split and (when given) the test set."""
+    """Score every row on the held-out split and (when given) the test set:
+    ``[{"row", "heldout": scores, "test": scores or None, "seconds"}]``, scores as ``evaluate`` gives them."""
     table = []
     for name, post in rows.items():
         t0 = time.time()
-        row = {"row": name, "heldout_map": evaluate(heldout, post, k=k)["map_at_k"]}
-        if test is not None:
-            scores = evaluate(test, post, k=k)
-            row.update(test_map=scores["map_at_k"], test_recall_at_1=scores["recall_at_1"])
-        row["seconds"] = round(time.time() - t0, 2)
-        table.append(row)
+        table.append({"row": name, "heldout": evaluate(heldout, post, k=k),
+                      "test": None if test is None else evaluate(test, post, k=k),
+                      "seconds": round(time.time() - t0, 2)})
     return table
 
 
-def local_submission(cfg: RecipeConfig, data: Path, bundle_dir: Path) -> dict | None:
-    """Run the NSML entry point's local submission in a subprocess; return its scores.
+def table_for_file(table: list[dict], k: int) -> list[dict]:
+    """The table's rows with their scores spelled as files spell them (``mAP@<k>``, ``Recall@1``)."""
+    return [{**r, "heldout": file_keys(r["heldout"], k), "test": r["test"] and file_keys(r["test"], k)}
+            for r in table]
+
+
+def submit_through_main(cfg: RecipeConfig, data: Path, bundle_dir: Path) -> dict | None:
+    """Run the NSML entry point (``python -m main``) in test mode in a subprocess; return its scores.
 
     It ranks through main.py's own infer path, reusing the test descriptors
     ``test_set`` cached in OUT/cache rather than extracting them a second time."""
-    out = Path(cfg.out) / "submission"
-    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "main.py"), "--mode", "test",
-           "--pause", "1", "--data", str(data), "--checkpoint", str(bundle_dir), "--out", str(out),
-           "--device", cfg.device, "--cache-dir", str(Path(cfg.out) / "cache")]
+    run_dir = Path(cfg.out).resolve()
+    out = run_dir / "submission"
+    cmd = [sys.executable, "-m", "main", "--mode", "test",
+           "--pause", "1", "--data", str(Path(data).resolve()), "--checkpoint", str(Path(bundle_dir).resolve()),
+           "--out", str(out), "--device", cfg.device, "--cache-dir", str(run_dir / "cache")]
     _say("local submission: " + " ".join(cmd[1:]))
-    subprocess.run(cmd, check=True)
+    # run from OUT: the installed main module, never a main.py that happens to sit in the caller's folder
+    subprocess.run(cmd, check=True, cwd=run_dir)
     scores = out / "scores.json"
     return json.loads(scores.read_text()) if scores.is_file() else None
 
 
 def format_table(table: list[dict], k: int) -> str:
     """A markdown table of the rows."""
-    has_test = "test_map" in table[0]
+    has_test = table[0]["test"] is not None
     head = f"| row | held-out mAP@{k} |" + (f" test mAP@{k} | test Recall@1 |" if has_test else "") + " time (s, training included) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in table:
-        cells = [r["row"], f"{r['heldout_map']:.4f}"]
+        cells = [r["row"], f"{r['heldout']['map_at_k']:.4f}"]
         if has_test:
-            cells += [f"{r['test_map']:.4f}", f"{r['test_recall_at_1']:.4f}"]
+            cells += [f"{r['test']['map_at_k']:.4f}", f"{r['test']['recall_at_1']:.4f}"]
         cells.append(f"{r['seconds'] + r.get('train_seconds', 0):.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -219,9 +227,9 @@ def plot_table(table: list[dict], path: Path, k: int) -> None:
     names = [r["row"] for r in table][::-1]
     y = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
-    ax.barh(y + 0.2, [r["heldout_map"] for r in table][::-1], height=0.4, label="held-out")
-    if "test_map" in table[0]:
-        ax.barh(y - 0.2, [r["test_map"] for r in table][::-1], height=0.4, label="test")
+    ax.barh(y + 0.2, [r["heldout"]["map_at_k"] for r in table][::-1], height=0.4, label="held-out")
+    if table[0]["test"] is not None:
+        ax.barh(y - 0.2, [r["test"]["map_at_k"] for r in table][::-1], height=0.4, label="test")
     ax.set_yticks(y, names)
     ax.set_xlabel(f"mAP@{k}")
     ax.set_xlim(0, 1)
@@ -243,7 +251,7 @@ def run_recipe(cfg: RecipeConfig) -> list[dict]:
     members = train_members(cfg, data, split_path)
     bundle_dir = build_and_tune(cfg, data, members)
     bundle = Bundle.load(bundle_dir)
-    heldout = bundle.heldout_set()
+    heldout = heldout_set(bundle)
     has_labels = (data / "test" / "labels.csv").is_file()
     test = test_set(bundle, data, out / "cache", cfg.device) if has_labels else None
     n_images = min(len(heldout.reference_labels), len(test.reference_labels) if test else 10**9)
@@ -252,8 +260,8 @@ def run_recipe(cfg: RecipeConfig) -> list[dict]:
         name = r["row"].removesuffix(" alone")
         if name in members:
             r["train_seconds"] = members[name]["seconds"]
-    submitted = local_submission(cfg, data, bundle_dir)
-    results = {"config": asdict(cfg), "data": str(data), "table": table, "submission": submitted,
+    submitted = submit_through_main(cfg, data, bundle_dir)
+    results = {"config": asdict(cfg), "data": str(data), "table": table_for_file(table, cfg.k), "submission": submitted,
                "tuned_post": bundle.post.to_dict(), "seconds": round(time.time() - t0, 1)}
     atomic_write_json(out / "results.json", results)
     text = format_table(table, cfg.k)
@@ -261,7 +269,7 @@ def run_recipe(cfg: RecipeConfig) -> list[dict]:
     plot_table(table, out / "results.png", cfg.k)
     print("\n" + text)
     if submitted:
-        print(f"\nlocal submission of the tuned checkpoint: mAP@1000 {submitted['mAP@1000']:.4f}, "
+        print(f"\nlocal submission of the tuned checkpoint: mAP@{cfg.k} {submitted[f'mAP@{cfg.k}']:.4f}, "
               f"Recall@1 {submitted['Recall@1']:.4f} (the 'tuned' row's test column, through main.py)")
     print(f"\nresults in {out}/results.{{md,json,png}}; total {time.time() - t0:.0f} s")
     return table

@@ -23,7 +23,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from backbones.fileio import atomic_path, atomic_write_json, atomic_write_text
+from competition.fileio import atomic_path, atomic_write_json, atomic_write_text
+from competition.metrics import file_keys
 from tuning.objective import DEFAULTS_ATTR
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,10 @@ log = logging.getLogger(__name__)
 PLOTS = ("optimization_history", "param_importances", "slice")
 
 
-def top_trials(study: optuna.Study, n: int = 10) -> list[dict[str, Any]]:
-    """The ``n`` best completed trials: number, value, recall_at_1, params, defaults flag."""
+def top_trials(study: optuna.Study, n: int = 10, k: int = 1000) -> list[dict[str, Any]]:
+    """The ``n`` best completed trials: number, mAP@k, Recall@1, params, defaults flag."""
     done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: -t.value)
-    return [{"number": t.number, "map_at_k": t.value, "recall_at_1": t.user_attrs.get("recall_at_1"),
+    return [{"number": t.number, **file_keys({"map_at_k": t.value, "recall_at_1": t.user_attrs.get("recall_at_1")}, k),
              "defaults": bool(t.user_attrs.get(DEFAULTS_ATTR)), "params": dict(t.params)} for t in done[:n]]
 
 
@@ -54,7 +55,7 @@ def summary(result, n_top: int = 10) -> dict[str, Any]:
     s = result.summary()
     s["gain_search"] = result.best_value - result.defaults_value
     s["gain_check"] = result.check_best["map_at_k"] - result.check_defaults["map_at_k"]
-    s["top_trials"] = top_trials(result.study, n_top)
+    s["top_trials"] = top_trials(result.study, n_top, result.k)
     s["importances"] = importances(result.study)
     states = [t.state.name for t in result.study.get_trials(deepcopy=False)]
     s["trial_states"] = {name: states.count(name) for name in sorted(set(states))}
@@ -67,21 +68,22 @@ def _fmt(v: Any) -> str:
 
 def markdown(s: dict[str, Any]) -> str:
     """Markdown report of a ``summary`` dict."""
+    m = f"mAP@{s['k']}"
     lines = [f"# Tuning report: study `{s['study_name']}`", "",
              f"{s['n_complete']} completed trials ({s['trial_states']}). Search half: "
              f"{len(s['search_classes'])} classes; check half: {len(s['check_classes'])} classes.", "",
-             "| | search half mAP@k | check half mAP@k | check half R@1 |", "|---|---|---|---|",
-             f"| defaults | {s['defaults_value']:.4f} | {s['check_defaults']['map_at_k']:.4f} | "
-             f"{s['check_defaults']['recall_at_1']:.4f} |",
-             f"| best (trial {s['best_trial']}) | {s['best_value']:.4f} | {s['check_best']['map_at_k']:.4f} | "
-             f"{s['check_best']['recall_at_1']:.4f} |",
+             f"| | search half {m} | check half {m} | check half R@1 |", "|---|---|---|---|",
+             f"| defaults | {s['defaults_value']:.4f} | {s['check_defaults'][m]:.4f} | "
+             f"{s['check_defaults']['Recall@1']:.4f} |",
+             f"| best (trial {s['best_trial']}) | {s['best_value']:.4f} | {s['check_best'][m]:.4f} | "
+             f"{s['check_best']['Recall@1']:.4f} |",
              f"| gain | {s['gain_search']:+.4f} | {s['gain_check']:+.4f} | |", "",
              "## Best post-processing", "", "```json", json.dumps(s["best_post"], indent=1), "```", "",
-             "## Top trials", "", "| trial | mAP@k | R@1 | params |", "|---|---|---|---|"]
+             "## Top trials", "", f"| trial | {m} | R@1 | params |", "|---|---|---|---|"]
     for t in s["top_trials"]:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in t["params"].items())
         tag = " (defaults)" if t["defaults"] else ""
-        lines.append(f"| {t['number']}{tag} | {t['map_at_k']:.4f} | {_fmt(t['recall_at_1'])} | {params} |")
+        lines.append(f"| {t['number']}{tag} | {t[m]:.4f} | {_fmt(t['Recall@1'])} | {params} |")
     if s["importances"]:
         lines += ["", "## Parameter importances", "", "| parameter | importance |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in s["importances"].items()]

@@ -32,10 +32,19 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from competition.metrics import file_keys
 from ensemble.postprocess import PostProcessing
-from tuning.heldout import HeldoutSet
-from tuning.objective import (DEFAULTS_ATTR, WORKER_ATTR, SearchSpace, WhiteningCache, build_objective,
-                              default_params, evaluate, post_from_params)
+from tuning.heldout import HeldoutSet, heldout_set
+from tuning.objective import (
+    DEFAULTS_ATTR,
+    WORKER_ATTR,
+    SearchSpace,
+    WhiteningCache,
+    build_objective,
+    default_params,
+    evaluate,
+    post_from_params,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +78,13 @@ class SearchResult:
     check_classes: list[str]
     n_complete: int
     study: optuna.Study
+    k: int = 1000
 
     def summary(self) -> dict[str, Any]:
-        """JSON-friendly summary (no study object)."""
+        """JSON-friendly summary (no study object; scores spelled as files spell them)."""
         d = {k: v for k, v in asdict(self).items() if k not in ("study", "best_post")}
+        d["check_best"], d["check_defaults"] = (file_keys(self.check_best, self.k),
+                                                file_keys(self.check_defaults, self.k))
         d["best_post"] = self.best_post.to_dict()
         d["study_name"] = self.study.study_name
         return d
@@ -203,7 +215,8 @@ def run_search(heldout: HeldoutSet, config: SearchConfig | None = None,
         best_post=best_post, best_value=float(best.value), best_trial=best.number, defaults_value=defaults_value,
         check_best=evaluate(check_half, best_post, config.k, cache.get(best_post), config.device),
         check_defaults=evaluate(check_half, default_post, config.k, device=config.device),
-        search_classes=search_classes, check_classes=check_classes, n_complete=len(complete), study=study)
+        search_classes=search_classes, check_classes=check_classes, n_complete=len(complete), study=study,
+        k=config.k)
 
 
 def tuning_dir(bundle_path: str | os.PathLike) -> Path:
@@ -224,7 +237,7 @@ def tune_bundle(bundle_path: str | os.PathLike, config: SearchConfig, storage: s
     out = tuning_dir(bundle_path)
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    result = run_search(bundle.heldout_set(), config, storage=storage, study_name=study_name)
+    result = run_search(heldout_set(bundle), config, storage=storage, study_name=study_name)
     bundle.set_postprocessing(result.best_post)
     if write_report:
         from tuning.report import write_report as _write

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from backbones.data import ScanReport, TrainIndex
-from tuning.split import HoldoutSplit, make_split, split_labels
+from competition.data import ScanReport, TrainIndex
+from competition.split import HeldoutSplit, make_split, split_labels
 
 
 def _index(sizes):
@@ -50,11 +50,11 @@ def test_every_heldout_class_has_query_and_reference_and_singletons_stay():
 def test_save_load_round_trip_and_tamper_detection(tmp_path):
     s = make_split(_index(SIZES), 0.3, seed=3)
     s.save(tmp_path / "split.json")
-    assert HoldoutSplit.load(tmp_path / "split.json") == s
+    assert HeldoutSplit.load(tmp_path / "split.json") == s
     text = (tmp_path / "split.json").read_text().replace('"seed": 3', '"seed": 4')
     (tmp_path / "split.json").write_text(text)
     with pytest.raises(ValueError, match="split.json.*hash"):
-        HoldoutSplit.load(tmp_path / "split.json")
+        HeldoutSplit.load(tmp_path / "split.json")
 
 
 def test_impossible_requests_are_refused():

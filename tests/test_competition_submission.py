@@ -1,13 +1,20 @@
-"""Submission building, writing and local scoring."""
+"""The submission rules: validation, building, writing, local scoring; the NSML stand-in."""
 import csv
 import json
 
 import numpy as np
 import pytest
 
-from tuning.metrics import SubmissionError, mean_average_precision, validate_submission
-from tuning.nsml_local import bind, checkpoint_dir, load, save
-from tuning.submit import build_submission, score_submission, write_submission
+from competition.metrics import mean_average_precision
+from competition.nsml_local import bind, checkpoint_dir, load, save
+from competition.submission import (
+    SubmissionError,
+    build_submission,
+    rankings_from_names,
+    score_submission,
+    validate_submission,
+    write_submission,
+)
 
 QUERIES = ["qa", "qb"]
 REFS = ["r0", "r1", "r2", "r3"]
@@ -26,13 +33,12 @@ def test_duplicates_padding_and_unknown_indices_never_reach_the_output():
 def test_local_score_equals_metrics_module():
     rng = np.random.default_rng(0)
     indices = np.stack([rng.permutation(4) for _ in QUERIES])
-    sub = build_submission(QUERIES, REFS, indices, length=1000)
+    sub = validate_submission(build_submission(QUERIES, REFS, indices, length=1000), QUERIES, REFS, length=1000)
     scores = score_submission(sub, LABELS, query_names=QUERIES, reference_names=REFS)
     q_labels = [LABELS["query"][q] for q in QUERIES]
     r_labels = [LABELS["reference"][r] for r in REFS]
-    assert scores["mAP@1000"] == pytest.approx(mean_average_precision(indices, q_labels, r_labels, k=1000))
-    with pytest.raises(SubmissionError, match="qb"):
-        score_submission({"qa": REFS, "qb": ["r0", "r0", "r1", "r2"]}, LABELS, length=None)
+    assert scores["map_at_k"] == pytest.approx(mean_average_precision(indices, q_labels, r_labels, k=1000))
+    assert scores["map"] == pytest.approx(mean_average_precision(indices, q_labels, r_labels))
 
 
 def test_written_files_round_trip(tmp_path):
@@ -44,7 +50,7 @@ def test_written_files_round_trip(tmp_path):
 
 
 def test_local_nsml_save_and_load_call_the_bound_functions(tmp_path, monkeypatch):
-    monkeypatch.setattr("tuning.nsml_local.CHECKPOINT_ROOT", tmp_path)
+    monkeypatch.setattr("competition.nsml_local.CHECKPOINT_ROOT", tmp_path)
     seen = []
     bind(save=lambda d: (open(f"{d}/w.txt", "w").write("hi"), seen.append(("save", d))),
          load=lambda d: seen.append(("load", open(f"{d}/w.txt").read())))
@@ -54,3 +60,30 @@ def test_local_nsml_save_and_load_call_the_bound_functions(tmp_path, monkeypatch
     assert seen[-1] == ("load", "hi")
     with pytest.raises(FileNotFoundError, match="other"):
         load("final", session="other")
+
+
+Q12, R123 = ["q1", "q2"], ["r1", "r2", "r3"]
+
+
+def test_validator_accepts_nsml_format_and_rankings_round_trip():
+    sub = [(0, ("q1", ["r2", "r1"])), (1, ("q2", ["r3", "r1"]))]
+    parsed = validate_submission(sub, Q12, R123, length=2)
+    assert parsed == {"q1": ["r2", "r1"], "q2": ["r3", "r1"]}
+    assert rankings_from_names(parsed, Q12, R123).tolist() == [[1, 0], [2, 0]]
+
+
+@pytest.mark.parametrize("sub,match", [
+    ({"q1": ["r1", "r1", "r2"], "q2": ["r1", "r2", "r3"]}, "q1.*duplicate"),
+    ({"q1": ["r1", "r9", "r2"], "q2": ["r1", "r2", "r3"]}, "q1.*unknown reference"),
+    ({"q1": ["r1", "r2", "r3"]}, "missing.*q2"),
+    ({"q1": ["r1", "r2", "r3"], "q2": ["r1", "r2"]}, "q2.*2 references listed, 3 required"),
+    ({"q1": ["r1", "r2", "r3"], "q2": ["r1", "r2", "r3"], "q3": ["r1", "r2", "r3"]}, "unknown queries.*q3"),
+])
+def test_validator_names_the_query(sub, match):
+    with pytest.raises(SubmissionError, match=match):
+        validate_submission(sub, Q12, R123, length=None)
+
+
+def test_validator_rejects_malformed_entries():
+    with pytest.raises(SubmissionError, match="not \\(i, \\(query_name"):
+        validate_submission([("q1", ["r1"])], Q12, R123)

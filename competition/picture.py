@@ -7,8 +7,8 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
-from backbones.data import try_load_image
-from backbones.fileio import atomic_path
+from competition.data import try_load_image
+from competition.fileio import atomic_path
 
 GREEN, RED, GREY = (40, 170, 60), (210, 40, 40), (150, 150, 150)
 

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from backbones.data import TrainIndex
-from backbones.fileio import atomic_write_text
+from competition.data import TrainIndex
+from competition.fileio import atomic_write_text
 
 SPLIT_VERSION = 1
 
 
 @dataclass(frozen=True)
-class HoldoutSplit:
+class HeldoutSplit:
     """Class lists and the query/reference image ids of the held-out classes."""
 
     train_classes: tuple[str, ...]
@@ -49,7 +49,7 @@ class HoldoutSplit:
         return {"version": SPLIT_VERSION, **self._content(), "hash": self.hash}
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "split") -> "HoldoutSplit":
+    def from_dict(cls, d: dict, where: str = "split") -> "HeldoutSplit":
         try:
             split = cls(
                 train_classes=tuple(d["train_classes"]),
@@ -71,7 +71,7 @@ class HoldoutSplit:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "HoldoutSplit":
+    def load(cls, path: str | os.PathLike) -> "HeldoutSplit":
         path = Path(path)
         try:
             d = json.loads(path.read_text())
@@ -93,13 +93,13 @@ def make_split(
     heldout: float | int = 0.3,
     query_fraction: float = 0.25,
     seed: int = 0,
-) -> HoldoutSplit:
+) -> HeldoutSplit:
     """Split the classes of ``index`` into train and held-out.
 
     ``heldout``: a fraction in (0, 1) of the eligible classes, or an integer count.
     ``query_fraction``: share of each held-out class's images used as queries
     (at least one query and one reference per class).
-    Returns a deterministic ``HoldoutSplit`` for a given index and seed.
+    Returns a deterministic ``HeldoutSplit`` for a given index and seed.
     """
     if not 0.0 < query_fraction < 1.0:
         raise ValueError(f"query_fraction must be in (0, 1), got {query_fraction}")
@@ -128,7 +128,7 @@ def make_split(
         queries += [ids[i] for i in order[:n_query]]
         references += [ids[i] for i in order[n_query:]]
     held = set(heldout_classes)
-    return HoldoutSplit(
+    return HeldoutSplit(
         train_classes=tuple(c for c in sorted(by_class) if c not in held),
         heldout_classes=tuple(heldout_classes),
         query_ids=tuple(sorted(queries)),

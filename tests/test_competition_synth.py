@@ -1,4 +1,4 @@
-"""Tests for the embedded synthetic dataset generator (backbones.synth)."""
+"""Tests for the embedded synthetic dataset generator (competition.synth)."""
 from __future__ import annotations
 
 import csv
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from backbones.synth import SynthConfig, generate, main
+from competition.synth import SynthConfig, generate, main
 
 SMALL = dict(train_classes=4, test_classes=3, images_per_class=2, queries_per_class=1,
              references_per_class=2, size=32)

@@ -6,7 +6,7 @@ band) photographed under random pose, lighting, clutter, occlusion, blur and JPE
 noise. Base colours are deliberately shared between classes, so colour alone does
 not solve retrieval. Fully seeded: the same config gives byte-identical files.
 
-    python -m backbones.synth --out DIR [--seed 0] [--train-classes 24] ...
+    python -m competition.synth --out DIR [--seed 0] [--train-classes 24] ...
 """
 from __future__ import annotations
 
@@ -363,7 +363,7 @@ def generate(out_dir: str | Path, config: SynthConfig | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """CLI: parse flags, generate, print a one-line summary."""
     d = SynthConfig()
-    ap = argparse.ArgumentParser(prog="python -m backbones.synth", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m competition.synth", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--train-classes", type=int, default=d.train_classes)

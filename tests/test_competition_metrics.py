@@ -1,11 +1,14 @@
-"""Metrics against sklearn and hand-computed cases; the submission validator."""
+"""Metrics against sklearn and hand-computed cases; score names in code and in files."""
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from tuning.metrics import (
-    SubmissionError, average_precision, mean_average_precision, rankings_from_names,
-    recall_at_k, validate_submission,
+from competition.metrics import (
+    average_precision,
+    file_keys,
+    mean_average_precision,
+    recall_at_k,
+    retrieval_scores,
 )
 
 
@@ -61,28 +64,11 @@ def test_bad_rankings_are_refused():
         mean_average_precision(np.array([[0], [1]]), [0], [0, 0])
 
 
-QUERIES, REFS = ["q1", "q2"], ["r1", "r2", "r3"]
-
-
-def test_validator_accepts_nsml_format_and_rankings_round_trip():
-    sub = [(0, ("q1", ["r2", "r1"])), (1, ("q2", ["r3", "r1"]))]
-    parsed = validate_submission(sub, QUERIES, REFS, length=2)
-    assert parsed == {"q1": ["r2", "r1"], "q2": ["r3", "r1"]}
-    assert rankings_from_names(parsed, QUERIES, REFS).tolist() == [[1, 0], [2, 0]]
-
-
-@pytest.mark.parametrize("sub,match", [
-    ({"q1": ["r1", "r1", "r2"], "q2": ["r1", "r2", "r3"]}, "q1.*duplicate"),
-    ({"q1": ["r1", "r9", "r2"], "q2": ["r1", "r2", "r3"]}, "q1.*unknown reference"),
-    ({"q1": ["r1", "r2", "r3"]}, "missing.*q2"),
-    ({"q1": ["r1", "r2", "r3"], "q2": ["r1", "r2"]}, "q2.*2 references listed, 3 required"),
-    ({"q1": ["r1", "r2", "r3"], "q2": ["r1", "r2", "r3"], "q3": ["r1", "r2", "r3"]}, "unknown queries.*q3"),
-])
-def test_validator_names_the_query(sub, match):
-    with pytest.raises(SubmissionError, match=match):
-        validate_submission(sub, QUERIES, REFS, length=None)
-
-
-def test_validator_rejects_malformed_entries():
-    with pytest.raises(SubmissionError, match="not \\(i, \\(query_name"):
-        validate_submission([("q1", ["r1"])], QUERIES, REFS)
+def test_retrieval_scores_and_their_file_spelling():
+    ranking = np.array([[1, 0, 2], [0, 2, 1]])
+    scores = retrieval_scores(ranking, ["a", "b"], ["a", "b", "a"], k=2, recall_at=(1, 2), with_map=True)
+    assert scores["map_at_k"] == pytest.approx(mean_average_precision(ranking, ["a", "b"], ["a", "b", "a"], k=2))
+    assert (scores["recall_at_1"], scores["recall_at_2"]) == (0.0, 0.5)
+    named = file_keys({**scores, "n_query": 2}, k=2)
+    assert set(named) == {"mAP@2", "mAP", "Recall@1", "Recall@2", "n_query"}
+    assert named["mAP@2"] == scores["map_at_k"]

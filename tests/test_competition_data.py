@@ -6,9 +6,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backbones.data import (
-    DataError, LoadReport, UnreadableImage, image_name, load_image, read_labels,
-    scan_test, scan_train, try_load_image,
+from competition.data import (
+    DataError,
+    LoadReport,
+    UnreadableImage,
+    image_name,
+    load_image,
+    read_labels,
+    scan_test,
+    scan_train,
+    try_load_image,
 )
 
 

@@ -1,4 +1,4 @@
-"""Retrieval metrics (mAP, mAP@k, Recall@K) and the submission validator.
+"""Retrieval metrics: mAP, the hackathon's mAP@k, Recall@K.
 
 Definitions, for one query with ranking r_1, r_2, ... (best first) and
 rel_i = 1 when r_i has the query's class:
@@ -18,10 +18,14 @@ rel_i = 1 when r_i has the query's class:
 
 mAP is the mean of AP over all queries. Rankings are (n_queries, m) integer
 arrays of reference indices; -1 marks an empty slot (never relevant).
+
+Score names: code spells them ``map_at_k`` (mAP@k), ``map`` (mAP over the whole
+list) and ``recall_at_<n>``; files (scores.json, logs, reports) spell them as
+people read them, ``mAP@<k>``, ``mAP`` and ``Recall@<n>`` (``file_keys``).
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -100,78 +104,28 @@ def recall_at_k(rankings: np.ndarray, query_labels: Sequence, reference_labels: 
     return float(rel[:, :k].any(axis=1).mean()) if rel.shape[0] else 0.0
 
 
-class SubmissionError(ValueError):
-    """A submission that a leaderboard would reject; the message names the queries."""
+def retrieval_scores(rankings: np.ndarray, query_labels: Sequence, reference_labels: Sequence, k: int = 1000,
+                     recall_at: Sequence[int] = (1,), with_map: bool = False) -> dict[str, float]:
+    """Return ``{"map_at_k": mAP@k, "recall_at_<n>": Recall@n for n in recall_at}`` (and ``"map"``
+    over the whole list when ``with_map``)."""
+    out = {"map_at_k": mean_average_precision(rankings, query_labels, reference_labels, k=k)}
+    if with_map:
+        out["map"] = mean_average_precision(rankings, query_labels, reference_labels)
+    for n in recall_at:
+        out[f"recall_at_{n}"] = recall_at_k(rankings, query_labels, reference_labels, n)
+    return out
 
 
-def _unpack(entry) -> tuple[str, list[str]]:
-    """``(i, (query_name, [reference_name, ...]))`` -> (query_name, list)."""
-    try:
-        _, (query, ranked) = entry
-    except (TypeError, ValueError) as exc:
-        raise SubmissionError(f"entry {entry!r:.80} is not (i, (query_name, [reference_name, ...]))") from exc
-    return query, ranked
-
-
-def validate_submission(
-    submission: Iterable,
-    query_names: Sequence[str],
-    reference_names: Sequence[str],
-    length: int | None = 1000,
-) -> dict[str, list[str]]:
-    """Check a submission and return it as ``{query_name: [reference_name, ...]}``.
-
-    ``submission`` is NSML's ``[(i, (query_name, [reference_name, ...])), ...]``
-    or a ``{query_name: [...]}`` mapping. Every query must appear once, every
-    listed reference must exist, no reference may appear twice in one list, and
-    each list must hold ``min(length, n_references)`` names (all of them when
-    ``length`` is None). Raises ``SubmissionError`` listing the offending queries.
-    """
-    items = list(submission.items()) if isinstance(submission, dict) else [_unpack(e) for e in submission]
-    refs = set(reference_names)
-    expected = len(refs) if length is None else min(length, len(refs))
-    problems: list[str] = []
-    result: dict[str, list[str]] = {}
-    for query, ranked in items:
-        ranked = list(ranked)
-        if query in result:
-            problems.append(f"query {query!r}: listed twice")
-            continue
-        result[query] = ranked
-        unknown = [r for r in ranked if r not in refs]
-        if unknown:
-            problems.append(f"query {query!r}: {len(unknown)} unknown reference ids, e.g. {unknown[:3]}")
-        if len(set(ranked)) != len(ranked):
-            seen, dups = set(), []
-            for r in ranked:
-                if r in seen:
-                    dups.append(r)
-                seen.add(r)
-            problems.append(f"query {query!r}: duplicate reference ids {dups[:3]}")
-        if len(ranked) != expected:
-            problems.append(f"query {query!r}: {len(ranked)} references listed, {expected} required")
-    wanted = set(query_names)
-    missing = [q for q in query_names if q not in result]
-    extra = [q for q in result if q not in wanted]
-    if missing:
-        problems.append(f"{len(missing)} queries missing, e.g. {missing[:3]}")
-    if extra:
-        problems.append(f"{len(extra)} unknown queries, e.g. {extra[:3]}")
-    if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise SubmissionError(f"invalid submission ({len(problems)} problems):\n  {shown}{more}")
-    return result
-
-
-def rankings_from_names(
-    submission: dict[str, list[str]], query_names: Sequence[str], reference_names: Sequence[str]
-) -> np.ndarray:
-    """Turn ``{query: [reference names]}`` into an index array (-1 pads short lists)."""
-    position = {name: i for i, name in enumerate(reference_names)}
-    width = max((len(v) for v in submission.values()), default=0)
-    out = np.full((len(query_names), width), -1, dtype=np.int64)
-    for row, q in enumerate(query_names):
-        ranked = submission[q]
-        out[row, : len(ranked)] = [position[r] for r in ranked]
+def file_keys(scores: dict[str, float], k: int) -> dict[str, float]:
+    """Spell score keys as files show them: map_at_k -> ``mAP@<k>``, map -> ``mAP``,
+    recall_at_n -> ``Recall@n``; other keys (counts) pass through."""
+    out = {}
+    for key, value in scores.items():
+        if key == "map_at_k":
+            key = f"mAP@{k}"
+        elif key == "map":
+            key = "mAP"
+        elif key.startswith("recall_at_"):
+            key = "Recall@" + key[len("recall_at_"):]
+        out[key] = value
     return out
