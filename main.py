@@ -30,6 +30,7 @@ except ImportError:  # anywhere else: the local stand-in with the same functions
     DATASET_PATH = None
     IS_ON_NSML = False
 
+from competition.cli import ArgumentParser, UserError, number, run_command
 from competition.data import QUERY_DIR, REFERENCE_DIR, image_name, list_images, read_labels
 from competition.fileio import atomic_write_json
 from competition.metrics import file_keys
@@ -65,15 +66,20 @@ def bind_model(state: SessionState) -> None:
         candidate = source / "bundle" if (source / "bundle").is_dir() else source
         # NSML may remove dir_name afterwards: keep a private copy
         target = state.workdir / f"loaded-{len(state.member_dirs)}-{int(time.time() * 1000)}"
-        shutil.copytree(candidate, target)
+        if not candidate.is_dir():
+            raise UserError(f"{candidate}: checkpoint folder not found")
+        shutil.copytree(candidate, target, symlinks=True)
         if is_bundle(target):
-            state.bundle = Bundle.load(target)
+            try:
+                state.bundle = Bundle.load(target)
+            except UserError as exc:  # name the folder the user gave, not the private copy
+                raise type(exc)(str(exc).replace(str(target), str(candidate))) from None
             print(f"loaded ensemble checkpoint from {source}", flush=True)
         elif is_run(target):
             state.member_dirs.append(target)
             print(f"loaded member run from {source}", flush=True)
         else:
-            raise ValueError(f"{source}: neither an ensemble checkpoint nor a backbone run")
+            raise UserError(f"{source}: neither an ensemble checkpoint nor a backbone run")
 
     def infer(queries: list[str], _=None):
         return run_inference(state, queries)
@@ -106,7 +112,7 @@ def build_checkpoint(state: SessionState, args: argparse.Namespace) -> None:
         nsml.load(checkpoint=checkpoint or "final", session=session)
     members = [Path(m) for m in args.members] + state.member_dirs
     if not members:
-        raise SystemExit("train mode needs --members RUN_DIR ... and/or --sessions SESSION[:CHECKPOINT] ...")
+        raise UserError("train mode needs --members RUN_DIR ... and/or --sessions SESSION[:CHECKPOINT] ...")
     out = state.workdir / "bundle"
     config = BuildConfig(device=args.device, split=args.split, max_train_images=args.max_train_images,
                          seed=args.seed, cache_dir=state.workdir / "cache")
@@ -129,7 +135,7 @@ def build_checkpoint(state: SessionState, args: argparse.Namespace) -> None:
 def submit_locally(state: SessionState, args: argparse.Namespace) -> dict | None:
     """Load, infer on every query, validate, write JSON + CSV, and score when labels exist."""
     if not args.checkpoint:
-        raise SystemExit("test mode without NSML needs --checkpoint (an ensemble checkpoint folder)")
+        raise UserError("test mode without NSML needs --checkpoint (an ensemble checkpoint folder)")
     nsml.load_path(args.checkpoint)
     root = Path(state.data_root)
     query_paths = [str(p) for p in list_images(root / QUERY_DIR)]
@@ -163,33 +169,41 @@ def submit_locally(state: SessionState, args: argparse.Namespace) -> dict | None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # NSML's reserved arguments
-    p.add_argument("--mode", choices=["train", "test"], default="train")
-    p.add_argument("--iteration", default="0", help="NSML: the checkpoint to load")
-    p.add_argument("--pause", type=int, default=0, help="NSML sets 1 when it loads a model")
-    # the kit's
-    p.add_argument("--data", help="dataset root (DATASET_PATH when not on NSML)")
-    p.add_argument("--members", nargs="*", default=[], help="backbone run directories")
-    p.add_argument("--sessions", nargs="*", default=[], help="earlier NSML sessions SESSION[:CHECKPOINT] to load as members")
-    p.add_argument("--split", help="held-out split JSON (default: the members' own)")
-    p.add_argument("--max-train-images", type=int, default=5000, help="train-class images used for whitening")
-    p.add_argument("--trials", type=int, default=0, help="Optuna trials after building (0: no tuning)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", help="local: the ensemble checkpoint folder to load in test mode")
-    p.add_argument("--full-ranking", action="store_true", help="rank every reference (phase 1) instead of the top 1000")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--cache-dir", help="local: reuse member descriptors cached in this folder")
-    p.add_argument("--out", default="submission", help="local: where the submission files go")
-    p.add_argument("--picture", type=int, default=8, help="local: queries drawn in retrieval.png (0: none)")
+    p = ArgumentParser(prog="python main.py", description=__doc__)
+    nsml_args = p.add_argument_group("NSML's reserved arguments")
+    nsml_args.add_argument("--mode", choices=["train", "test"], default="train",
+                           help="train: build (and tune) the ensemble checkpoint; test: submit")
+    nsml_args.add_argument("--iteration", default="0", help="NSML: the checkpoint to load")
+    nsml_args.add_argument("--pause", type=number(int, 0, 1), default=0, metavar="0|1",
+                           help="NSML sets 1 when it loads a model to serve it")
+    build = p.add_argument_group("train mode: building the ensemble checkpoint")
+    build.add_argument("--members", nargs="*", default=[], metavar="RUN", help="backbone run folders")
+    build.add_argument("--sessions", nargs="*", default=[], metavar="SESSION[:CHECKPOINT]",
+                       help="earlier NSML sessions whose checkpoints are loaded as members")
+    build.add_argument("--split", metavar="SPLIT.json", help="held-out split JSON (default: the members' own)")
+    build.add_argument("--max-train-images", type=number(int, 2), default=5000, metavar="N",
+                       help="train-class images the whitening is fitted on")
+    build.add_argument("--trials", type=number(int, 0), default=0, metavar="N",
+                       help="Optuna trials after building (0: no tuning)")
+    build.add_argument("--seed", type=number(int, 0), default=0, metavar="N", help="seed of tuning and subsampling")
+    local = p.add_argument_group("running without NSML")
+    local.add_argument("--data", metavar="DIR", help="dataset root (NSML gives DATASET_PATH)")
+    local.add_argument("--checkpoint", metavar="DIR", help="the ensemble checkpoint folder to load in test mode")
+    local.add_argument("--out", default="submission", metavar="DIR", help="where the submission files go")
+    local.add_argument("--cache-dir", metavar="DIR", help="reuse member descriptors cached in this folder")
+    local.add_argument("--picture", type=number(int, 0), default=8, metavar="N",
+                       help="queries drawn in retrieval.png (0: none)")
+    p.add_argument("--full-ranking", action="store_true",
+                   help="rank every reference (phase 1) instead of the top 1000")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not IS_ON_NSML:
         if not args.data:
-            raise SystemExit("without NSML, --data DATASET is required")
+            raise UserError("without NSML, --data DATASET is required")
         nsml.DATASET_PATH = args.data
     state = SessionState(args.data or DATASET_PATH, None if args.full_ranking else 1000, args.device,
                          args.cache_dir)
@@ -200,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         build_checkpoint(state, args)
     elif not IS_ON_NSML:
         submit_locally(state, args)
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

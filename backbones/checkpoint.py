@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from backbones.model import RetrievalNet, model_from_spec
+from competition.cli import UserError
 from competition.fileio import atomic_path, atomic_write_json, atomic_write_text
 from rerank import resolve_device
 
@@ -54,7 +55,7 @@ def read_config(run_dir: str | os.PathLike) -> dict:
     try:
         return json.loads((run_dir / CONFIG_FILE).read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{run_dir / CONFIG_FILE}: not valid JSON ({exc})") from exc
+        raise UserError(f"{run_dir / CONFIG_FILE}: not valid JSON ({exc})") from exc
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "auto") -> tuple[RetrievalNet, dict]:

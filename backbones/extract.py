@@ -7,7 +7,6 @@ each row (unreadable images are skipped and named in a warning).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from backbones.checkpoint import load_run
 from backbones.model import RetrievalNet
 from backbones.transforms import PathDataset, eval_transform, path_collate
+from competition.cli import ArgumentParser, UserError, number, run_command
 from competition.data import LoadReport, UnreadableImage, image_name, is_image_file, list_images
 from competition.fileio import atomic_path, atomic_write_text
 from competition.metrics import retrieval_scores
@@ -40,7 +40,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "none":
         return None
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device; use bf16 or none on CPU")
+        raise UserError("--amp fp16 needs a CUDA device; use bf16 or none on CPU")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
@@ -156,18 +156,20 @@ def _read_paths(images: str) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="training run folder (config.json + model.safetensors)")
-    ap.add_argument("--images", help="image folder, or a text file of paths")
-    ap.add_argument("--out", help="output .npy (a .txt of names is written beside it)")
+    ap = ArgumentParser(prog="python -m backbones.extract", description=__doc__)
+    ap.add_argument("--run", required=True, metavar="DIR", help="a training run folder")
+    ap.add_argument("--images", metavar="DIR_OR_LIST", help="an image folder, or a text file with one path per line")
+    ap.add_argument("--out", metavar="FILE.npy", help="output descriptors (a .txt of names is written beside it)")
     ap.add_argument("--evaluate", metavar="DATASET",
                     help="instead: score the run on DATASET's test split with test/labels.csv")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
+    ap.add_argument("--batch-size", type=number(int, 1), default=64, metavar="N", help="images per batch")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+                    help="mixed precision (auto: bf16 on CUDA, none on CPU)")
     ap.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
-    ap.add_argument("--scales", type=float, nargs="+", default=[1.0])
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--scales", type=number(float, 0.1, 4.0), nargs="+", default=[1.0], metavar="S",
+                    help="multi-scale test-time augmentation: image size factors averaged")
+    ap.add_argument("--workers", type=number(int, 0), default=2, metavar="N", help="image-decoding worker processes")
     a = ap.parse_args(argv)
     if a.evaluate:
         scores = evaluate_test(a.run, a.evaluate, batch_size=a.batch_size, device=a.device, flip=a.flip,
@@ -191,4 +193,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from competition.cli import UserError
+
 # Short family names -> a representative timm model. Full timm names pass through.
 ARCH_ALIASES: dict[str, str] = {
     "efficientnet": "efficientnet_b0",
@@ -39,8 +41,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class PretrainedMismatch(ValueError):
+class PretrainedMismatch(UserError, ValueError):
     """A --pretrained file that does not fit the chosen architecture."""
+
+
+class ArchError(UserError, ValueError):
+    """An --arch that is neither a family name nor a timm model."""
 
 
 def resolve_arch(name: str) -> str:
@@ -57,7 +63,7 @@ def resolve_arch(name: str) -> str:
     if not close:
         close = difflib.get_close_matches(key.lower(), timm.list_models(), n=10, cutoff=0.6)
     hint = ", ".join(close[:20]) + (" ..." if len(close) > 20 else "") if close else "none"
-    raise ValueError(f"unknown architecture {name!r}: not a family name ({', '.join(sorted(ARCH_ALIASES))}) "
+    raise ArchError(f"unknown architecture {name!r}: not a family name ({', '.join(sorted(ARCH_ALIASES))}) "
                      f"nor a timm model; close timm names: {hint}")
 
 

@@ -13,7 +13,6 @@ an uninterrupted run. See backbones/checkpoint.py for the run-folder files.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import math
@@ -21,7 +20,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -33,63 +32,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from backbones import checkpoint as ckpt
+from backbones.config import ConfigError, TrainConfig, parse_args
 from backbones.extract import autocast_dtype, extract_descriptors, search_scores, torch_device
-from backbones.heads import HEADS, MetricLoss, make_head
+from backbones.heads import MetricLoss, make_head
 from backbones.model import RetrievalNet, build_model
 from backbones.sampler import PKSampler
 from backbones.transforms import AugmentConfig, TrainDataset, train_collate, train_transform
+from competition.cli import run_command
 from competition.data import scan_train
 from competition.metrics import file_keys
 from competition.split import HeldoutSplit, make_split, split_labels
-
-
-@dataclass
-class TrainConfig:
-    """Every training option; the CLI fills one of these (flag --x-y for field x_y)."""
-
-    data: str
-    out: str
-    arch: str = "efficientnet"
-    image_size: int = 224
-    batch_size: int | None = None  # when set, P = batch_size // K
-    classes_per_batch: int = 16    # P
-    images_per_class: int = 4      # K
-    epochs: int = 10
-    lr: float = 1e-3
-    body_lr_mult: float = 0.1
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    embedding_dim: int = 512
-    head: str = "arcface"
-    scale: float = 30.0
-    margin: float = 0.3
-    triplet_weight: float = 0.0
-    triplet_margin: float = 0.3
-    crop_scale: tuple[float, float] = (0.35, 1.0)
-    hflip: float = 0.5
-    color_jitter: float = 0.2
-    crop_pct: float = 1.0
-    amp: str = "auto"  # auto: bf16 on CUDA, none on CPU
-    channels_last: bool = False
-    grad_accum: int = 1
-    ema: float = 0.0  # EMA decay; 0 disables
-    workers: int = 2
-    seed: int = 0
-    split: str | None = None  # a held-out split JSON (default: a fresh seeded split)
-    heldout_fraction: float = 0.3
-    val_every: int = 1
-    val_batch_size: int = 64
-    pretrained: str | None = None
-    device: str = "auto"
-    resume: bool = False
-    max_steps: int | None = None
-    stop_after_epoch: int | None = None  # end this invocation after that epoch (resume later)
-    freeze_bn: bool = False  # body BatchNorm layers keep their running statistics (small batches, fused weights)
-    val_at_start: bool = False  # score the initial (e.g. pretrained) weights as epoch 0; they can be the best
-    progress: bool = True
-    k: int = 1000  # the best checkpoint is the one with the best held-out mAP@k
 
 
 class TrainNet(nn.Module):
@@ -179,6 +131,7 @@ def validate(model: RetrievalNet, run_cfg: dict, split: HeldoutSplit, id_to_path
 
 def train(cfg: TrainConfig) -> dict:
     """Train; returns {"epoch", "best" (metrics), "bad_images", "images_per_s", "run_dir"}."""
+    cfg.check()
     rank, world, device = _dist_setup(cfg.device)
     try:
         return _train(cfg, rank, world, device)
@@ -191,13 +144,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
     run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
     k = cfg.images_per_class
     p = cfg.batch_size // k if cfg.batch_size else cfg.classes_per_batch
-    if cfg.head not in HEADS:
-        raise ValueError(f"--head must be one of {HEADS}")
     amp_dtype = autocast_dtype(cfg.amp, device)
-    index = scan_train(cfg.data)
+    index = scan_train(cfg.data)   # a wrong --data fails before --out is created
+    run_dir.mkdir(parents=True, exist_ok=True)
     split = _get_split(cfg, index, run_dir, is_main)
     train_index = index.subset(split.train_classes)
     classes = train_index.classes
@@ -217,10 +168,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     groups = _param_groups(model, loss, cfg.lr, cfg.body_lr_mult, cfg.weight_decay)
     if cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    elif cfg.optimizer == "sgd":
+    else:  # sgd (TrainConfig.check allows no other)
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    else:
-        raise ValueError(f"--optimizer must be adamw or sgd, got {cfg.optimizer!r}")
     sampler = PKSampler(labels, p, k, seed=cfg.seed, rank=rank, world_size=world)
     steps_per_epoch = max(1, len(sampler) // cfg.grad_accum)
     total = steps_per_epoch * cfg.epochs
@@ -243,7 +192,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         else:
             net_state, st = got
             if st["split_hash"] != split.hash or st["arch"] != spec["arch"]:
-                raise ValueError(f"--resume: {run_dir} holds a run of {st['arch']} on split {st['split_hash']}, "
+                raise ConfigError(f"--resume: {run_dir} holds a run of {st['arch']} on split {st['split_hash']}, "
                                  f"not {spec['arch']} on split {split.hash}")
             net.load_state_dict(net_state)
             optimizer.load_state_dict(st["optimizer"])
@@ -370,34 +319,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     return {"run_dir": str(run_dir), "epoch": epoch, "best": best, "bad_images": len(bad), "images_per_s": speed}
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Build a TrainConfig from the command line (each field is a --flag)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="dataset root in the hackathon layout")
-    ap.add_argument("--out", required=True, help="run folder")
-    defaults = TrainConfig(data="", out="")
-    choices = {"optimizer": ["adamw", "sgd"], "head": list(HEADS), "amp": ["auto", "none", "bf16", "fp16"],
-               "device": None}
-    for f in fields(TrainConfig):
-        if f.name in ("data", "out"):
-            continue
-        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-        if isinstance(default, bool):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, tuple):
-            ap.add_argument(flag, type=float, nargs=2, default=default)
-        else:
-            typ = {"int | None": int, "str | None": str}.get(str(f.type), type(default) if default is not None else str)
-            typ = int if f.name in ("batch_size", "max_steps", "stop_after_epoch") else typ
-            ap.add_argument(flag, type=typ, default=default, choices=choices.get(f.name))
-    a = ap.parse_args(argv)
-    if a.batch_size:
-        a.classes_per_batch = a.batch_size // a.images_per_class
-    return TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(a).items()})
-
-
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    cfg = parse_args(argv, description=__doc__)
     if cfg.device == "cpu" or not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
     train(cfg)
@@ -405,4 +328,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

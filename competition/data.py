@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from competition.cli import UserError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -35,7 +37,7 @@ LABELS_FILE = Path("test") / "labels.csv"
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The dataset folder (or one of its files) is not what the layout promises."""
 
 

@@ -16,10 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from competition.cli import UserError
 from competition.data import TrainIndex
 from competition.fileio import atomic_write_text
 
 SPLIT_VERSION = 1
+
+
+class SplitError(UserError, ValueError):
+    """A held-out split that cannot be read, does not fit the dataset, or cannot be made."""
 
 
 @dataclass(frozen=True)
@@ -60,9 +65,9 @@ class HeldoutSplit:
                 rule=dict(d.get("rule", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: not a held-out split file ({exc!r})") from exc
+            raise SplitError(f"{where}: not a held-out split file ({exc!r})") from exc
         if "hash" in d and d["hash"] != split.hash:
-            raise ValueError(f"{where}: hash {d['hash']} does not match its content ({split.hash}); "
+            raise SplitError(f"{where}: hash {d['hash']} does not match its content ({split.hash}); "
                              "the file was edited or corrupted")
         return split
 
@@ -76,7 +81,7 @@ class HeldoutSplit:
         try:
             d = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: cannot read held-out split ({exc})") from exc
+            raise SplitError(f"{path}: cannot read held-out split ({exc})") from exc
         return cls.from_dict(d, where=str(path))
 
     def check_against(self, index: TrainIndex) -> None:
@@ -84,7 +89,7 @@ class HeldoutSplit:
         have = set(index.ids)
         missing = [i for i in self.query_ids + self.reference_ids if i not in have]
         if missing:
-            raise ValueError(f"{index.root}: {len(missing)} held-out images of split {self.hash} "
+            raise SplitError(f"{index.root}: {len(missing)} held-out images of split {self.hash} "
                              f"are missing, e.g. {missing[:3]}")
 
 
@@ -102,22 +107,22 @@ def make_split(
     Returns a deterministic ``HeldoutSplit`` for a given index and seed.
     """
     if not 0.0 < query_fraction < 1.0:
-        raise ValueError(f"query_fraction must be in (0, 1), got {query_fraction}")
+        raise SplitError(f"query_fraction must be in (0, 1), got {query_fraction}")
     by_class: dict[str, list[str]] = {}
     for img_id, label in zip(index.ids, index.labels):
         by_class.setdefault(label, []).append(img_id)
     eligible = sorted(c for c, ids in by_class.items() if len(ids) >= 2)
     if isinstance(heldout, float) and not isinstance(heldout, bool) and heldout < 1.0:
         if heldout <= 0.0:
-            raise ValueError(f"held-out fraction must be in (0, 1), got {heldout}")
+            raise SplitError(f"held-out fraction must be in (0, 1), got {heldout}")
         n_heldout = max(1, int(round(heldout * len(eligible))))
     else:
         n_heldout = int(heldout)
     if not 1 <= n_heldout < len(by_class):
-        raise ValueError(f"cannot hold out {n_heldout} of {len(by_class)} classes "
+        raise SplitError(f"cannot hold out {n_heldout} of {len(by_class)} classes "
                          f"({len(eligible)} have the 2+ images a held-out class needs)")
     if n_heldout > len(eligible):
-        raise ValueError(f"only {len(eligible)} classes have 2+ images; cannot hold out {n_heldout}")
+        raise SplitError(f"only {len(eligible)} classes have 2+ images; cannot hold out {n_heldout}")
     rng = np.random.default_rng(seed)
     heldout_classes = sorted(rng.choice(eligible, size=n_heldout, replace=False).tolist())
     queries, references = [], []

@@ -18,13 +18,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from competition.cli import UserError
 from competition.fileio import atomic_write_text
 from competition.metrics import retrieval_scores
 
 Submission = list[tuple[int, tuple[str, list[str]]]]
 
 
-class SubmissionError(ValueError):
+class SubmissionError(UserError, ValueError):
     """A submission that a leaderboard would reject; the message names the queries."""
 
 

@@ -10,7 +10,6 @@ not solve retrieval. Fully seeded: the same config gives byte-identical files.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import io
@@ -24,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from competition.cli import ArgumentParser, UserError, number, run_command
+
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (200, 40, 45), "blue": (40, 90, 200), "green": (40, 150, 70),
     "yellow": (235, 200, 40), "orange": (240, 130, 30), "purple": (130, 60, 170),
@@ -35,6 +36,10 @@ PATTERNS = ("stripes", "dots", "checks", "waves", "diagonal", "zigzag")
 LOGOS = ("circle", "triangle", "diamond", "ring", "bars", "cross")
 ASPECT = {"box": 0.72, "bottle": 0.48, "can": 0.55, "pouch": 0.70, "jar": 0.68, "carton": 0.56}
 GLYPHS = "ABCDEFGHJKLMNPRSTUVWXYZ23456789"
+
+
+class SynthConfigError(UserError, ValueError):
+    """A dataset configuration that cannot be generated."""
 
 
 @dataclass
@@ -284,9 +289,9 @@ def generate(out_dir: str | Path, config: SynthConfig | None = None) -> dict:
     """Write the dataset under out_dir and return a summary dict."""
     cfg = config or SynthConfig()
     if cfg.train_classes < 1 or cfg.test_classes < 1 or cfg.queries_per_class < 1 or cfg.references_per_class < 1:
-        raise ValueError("need >= 1 train class, test class, query and reference per class")
+        raise SynthConfigError("need >= 1 train class, test class, query and reference per class")
     if cfg.size < 24 or cfg.images_per_class < 1 or cfg.workers < 1:
-        raise ValueError("need size >= 24 px, >= 1 image per train class and >= 1 worker")
+        raise SynthConfigError("need size >= 24 px, >= 1 image per train class and >= 1 worker")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a directory")
@@ -363,27 +368,29 @@ def generate(out_dir: str | Path, config: SynthConfig | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """CLI: parse flags, generate, print a one-line summary."""
     d = SynthConfig()
-    ap = argparse.ArgumentParser(prog="python -m competition.synth", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="output directory (must be empty or absent)")
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--train-classes", type=int, default=d.train_classes)
-    ap.add_argument("--test-classes", type=int, default=d.test_classes)
-    ap.add_argument("--images-per-class", type=int, default=d.images_per_class, help="train images per class")
-    ap.add_argument("--queries-per-class", type=int, default=d.queries_per_class)
-    ap.add_argument("--references-per-class", type=int, default=d.references_per_class)
-    ap.add_argument("--size", type=int, default=d.size, help="image side in pixels")
-    ap.add_argument("--workers", type=int, default=d.workers, help="processes (output is identical)")
+    ap = ArgumentParser(prog="python -m competition.synth", description=__doc__)
+    ap.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or absent)")
+    ap.add_argument("--seed", type=number(int, 0), default=d.seed, metavar="N", help="seed of everything drawn")
+    ap.add_argument("--train-classes", type=number(int, 1), default=d.train_classes, metavar="N",
+                    help="product classes in train/")
+    ap.add_argument("--test-classes", type=number(int, 1), default=d.test_classes, metavar="N",
+                    help="unseen product classes in test/")
+    ap.add_argument("--images-per-class", type=number(int, 1), default=d.images_per_class, metavar="N",
+                    help="images of each train class")
+    ap.add_argument("--queries-per-class", type=number(int, 1), default=d.queries_per_class, metavar="N",
+                    help="queries of each test class")
+    ap.add_argument("--references-per-class", type=number(int, 1), default=d.references_per_class, metavar="N",
+                    help="references of each test class")
+    ap.add_argument("--size", type=number(int, 24, 1024), default=d.size, metavar="PX", help="image side in pixels")
+    ap.add_argument("--workers", type=number(int, 1, 256), default=d.workers, metavar="N",
+                    help="processes (the output is identical for any number)")
     ap.add_argument("--overwrite", action="store_true", help="replace train/, test/, classes.csv in a non-empty DIR")
     a = ap.parse_args(argv)
     cfg = SynthConfig(seed=a.seed, train_classes=a.train_classes, test_classes=a.test_classes,
                       images_per_class=a.images_per_class, queries_per_class=a.queries_per_class,
                       references_per_class=a.references_per_class, size=a.size, workers=a.workers,
                       overwrite=a.overwrite)
-    try:
-        s = generate(a.out, cfg)
-    except (FileExistsError, NotADirectoryError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    s = generate(a.out, cfg)
     print(f"wrote {s['images']} images to {s['out_dir']}: {s['train_classes']} train classes x "
           f"{cfg.images_per_class}, {s['test_classes']} test classes ({s['queries']} queries, "
           f"{s['references']} references), {s['size']}px, seed {s['seed']}, {s['seconds']}s")
@@ -391,4 +398,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

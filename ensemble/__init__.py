@@ -15,39 +15,41 @@ members' unit rows weighted by sqrt(w_m / sum w), concatenated, optionally PCA-w
   members trained on another split or on held-out classes.
 """
 
-from .build import BuildConfig, BuildOptions, MemberCheckError, build_bundle, build_from_paths, check_members
-from .bundle import Bundle, BundleError, is_bundle
-from .combine import concatenate, l2_normalize, normalize_weights
-from .members import TTA, FileMember, Member, MemberError, RunMember, describe_all, open_member
-from .model import Ensemble, Ranking
-from .postprocess import PostProcessing, ensemble_descriptors, fit_whitening_for
-from .whitening import Whitening, fit_whitening
+import importlib
 
-__all__ = [
-    "BuildConfig",
-    "BuildOptions",
-    "Bundle",
-    "BundleError",
-    "Ensemble",
-    "FileMember",
-    "Member",
-    "MemberCheckError",
-    "MemberError",
-    "PostProcessing",
-    "Ranking",
-    "RunMember",
-    "TTA",
-    "Whitening",
-    "build_bundle",
-    "build_from_paths",
-    "check_members",
-    "concatenate",
-    "describe_all",
-    "ensemble_descriptors",
-    "fit_whitening",
-    "fit_whitening_for",
-    "is_bundle",
-    "l2_normalize",
-    "normalize_weights",
-    "open_member",
-]
+# name -> submodule; imported on first use, so ``python -m ensemble.<module>`` runs its module once
+_EXPORTS = {
+    "BuildConfig": "build",
+    "BuildOptions": "build",
+    "Bundle": "bundle",
+    "BundleError": "bundle",
+    "Ensemble": "model",
+    "FileMember": "members",
+    "Member": "members",
+    "MemberCheckError": "build",
+    "MemberError": "members",
+    "PostProcessing": "postprocess",
+    "Ranking": "model",
+    "RunMember": "members",
+    "TTA": "members",
+    "Whitening": "whitening",
+    "build_bundle": "build",
+    "build_from_paths": "build",
+    "check_members": "build",
+    "concatenate": "combine",
+    "describe_all": "members",
+    "ensemble_descriptors": "postprocess",
+    "fit_whitening": "whitening",
+    "fit_whitening_for": "postprocess",
+    "is_bundle": "bundle",
+    "l2_normalize": "combine",
+    "normalize_weights": "combine",
+    "open_member": "members",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,7 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from competition.data import TRAIN_DIR, scan_train
+from competition.cli import ArgumentParser, UserError, number, run_command
+from competition.data import TRAIN_DIR, DataError, scan_train
 from competition.split import HeldoutSplit
 from ensemble.bundle import Bundle
 from ensemble.combine import normalize_weights
@@ -30,7 +31,7 @@ from ensemble.members import TTA, Member, RunMember, describe_all, open_member
 from ensemble.postprocess import PostProcessing
 
 
-class MemberCheckError(ValueError):
+class MemberCheckError(UserError, ValueError):
     """Members that must not be ensembled on this split (different split, or leakage)."""
 
 
@@ -157,7 +158,7 @@ def build_bundle(members: Sequence[Member], data: str | Path, split: HeldoutSpli
     kept, descs, unreadable = describe_sets(members, data, ids, opt.progress)
     for s in ("query", "reference", "train"):
         if not kept[s]:
-            raise ValueError(f"no readable {s} image in {data}: cannot build a bundle")
+            raise DataError(f"no readable {s} image in {data}: cannot build a bundle")
     if unreadable:
         warnings.warn(f"{len(unreadable)} images left out of the bundle (unreadable for some member), "
                       f"e.g. {unreadable[:3]}", stacklevel=2)
@@ -202,22 +203,27 @@ def build_from_paths(member_paths: Sequence[str | Path], data: str | Path, out: 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m ensemble.build", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--members", nargs="+", required=True, help="run directories or .npy descriptor files")
-    ap.add_argument("--weights", nargs="+", type=float, help="one weight per member (default: equal)")
-    ap.add_argument("--data", required=True, type=Path, help="dataset root (train/train_data/<class>/...)")
-    ap.add_argument("--out", required=True, type=Path, help="bundle directory to write")
-    ap.add_argument("--split", type=Path, help="held-out split JSON (default: split.json of a run dir)")
-    ap.add_argument("--max-train-images", type=int, help="seeded subsample of train images for whitening")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--flip", action="store_true", help="flip TTA for run members")
-    ap.add_argument("--cache-dir", type=Path, help="descriptor cache (default: OUT.cache beside the bundle)")
+    ap = ArgumentParser(prog="python -m ensemble.build", description=__doc__)
+    ap.add_argument("--members", nargs="+", required=True, metavar="RUN_OR_NPY",
+                    help="backbone run folders or .npy descriptor files")
+    ap.add_argument("--weights", nargs="+", type=number(float, 0.0), metavar="W",
+                    help="one weight per member (default: equal weights)")
+    ap.add_argument("--data", required=True, type=Path, metavar="DIR", help="dataset root in the hackathon layout")
+    ap.add_argument("--out", required=True, type=Path, metavar="DIR", help="the bundle folder to write")
+    ap.add_argument("--split", type=Path, metavar="SPLIT.json",
+                    help="held-out split JSON (default: the split a run member trained on)")
+    ap.add_argument("--max-train-images", type=number(int, 2), metavar="N",
+                    help="seeded subsample of the train-class images the whitening is fitted on (default: all)")
+    ap.add_argument("--seed", type=number(int, 0), default=0, metavar="N", help="seed of that subsample")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N, for extraction")
+    ap.add_argument("--batch-size", type=number(int, 1), default=64, metavar="N", help="extraction batch size")
+    ap.add_argument("--workers", type=number(int, 0), default=0, metavar="N", help="image-decoding worker processes")
+    ap.add_argument("--flip", action="store_true", help="run members average each image with its mirror image")
+    ap.add_argument("--cache-dir", type=Path, metavar="DIR",
+                    help="descriptor cache (default: OUT.cache beside the bundle)")
     ap.add_argument("--strict-split", action="store_true",
                     help="refuse descriptor-file members that declare no split_hash")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap.parse_args(argv)
 
 
@@ -227,14 +233,10 @@ def main(argv: list[str] | None = None) -> int:
                          seed=args.seed, device=args.device, batch_size=args.batch_size, workers=args.workers,
                          flip=args.flip, cache_dir=args.cache_dir, strict_split=args.strict_split,
                          progress=not args.no_progress)
-    try:
-        _bundle, summary = build_from_paths(args.members, args.data, args.out, config)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    _bundle, summary = build_from_paths(args.members, args.data, args.out, config)
     print(summary.line())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

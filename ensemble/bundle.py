@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from competition.cli import UserError
 from competition.fileio import atomic_path, atomic_write_json, sha256_file
 from competition.split import HeldoutSplit
 from ensemble.combine import l2_normalize
@@ -44,7 +45,7 @@ MANIFEST = "manifest.json"
 SETS = ("query", "reference", "train")
 
 
-class BundleError(ValueError):
+class BundleError(UserError, ValueError):
     """A bundle that cannot be loaded: missing or corrupt files (named), or a bad format."""
 
 

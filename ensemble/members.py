@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from competition.cli import UserError
 from competition.data import image_name
 from competition.fileio import sha256_file
 from ensemble.cache import cached_describe
@@ -35,7 +36,7 @@ from ensemble.combine import l2_normalize
 Extractor = Callable[..., tuple[np.ndarray, np.ndarray]]
 
 
-class MemberError(ValueError):
+class MemberError(UserError, ValueError):
     """A member that cannot be used as given (missing files, bad names file, ...)."""
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from competition.cli import run_command
 from competition.synth import SynthConfig, generate, main
 
 SMALL = dict(train_classes=4, test_classes=3, images_per_class=2, queries_per_class=1,
@@ -76,7 +77,7 @@ def test_refuses_non_empty_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str
     (out / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="overwrite"):
         generate(out, SynthConfig(**SMALL))
-    assert main(["--out", str(out), "--size", "32"]) == 2
+    assert run_command(main, ["--out", str(out), "--size", "32"]) == 2
     assert "overwrite" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     generate(out, SynthConfig(overwrite=True, **SMALL))

@@ -13,18 +13,24 @@ from an ensemble checkpoint by ``heldout_set(bundle)``; no image is read during 
   submission in one resumable command, with a table of what each stage adds.
 """
 
-from .heldout import HeldoutSet, heldout_set
-from .objective import SearchSpace, evaluate, post_from_params
-from .search import SearchConfig, SearchResult, run_search, tune_bundle
+import importlib
 
-__all__ = [
-    "HeldoutSet",
-    "SearchConfig",
-    "SearchResult",
-    "SearchSpace",
-    "evaluate",
-    "heldout_set",
-    "post_from_params",
-    "run_search",
-    "tune_bundle",
-]
+# name -> submodule; imported on first use, so ``python -m tuning.<module>`` runs its module once
+_EXPORTS = {
+    "HeldoutSet": "heldout",
+    "SearchConfig": "search",
+    "SearchResult": "search",
+    "SearchSpace": "objective",
+    "evaluate": "objective",
+    "heldout_set": "heldout",
+    "post_from_params": "objective",
+    "run_search": "search",
+    "tune_bundle": "search",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,6 @@ interrupted run picks up where it stopped (a member's training resumes mid-run).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from competition.cli import ArgumentParser, number, run_command
 from competition.data import QUERY_DIR, REFERENCE_DIR, image_name, list_images, read_labels, scan_train
 from competition.fileio import atomic_write_json, atomic_write_text
 from competition.metrics import file_keys
@@ -276,14 +276,14 @@ def run_recipe(cfg: RecipeConfig) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tuning.recipe", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="runs/demo", help="output folder (re-running resumes)")
-    ap.add_argument("--data", help="dataset root (default: generate the embedded default)")
-    ap.add_argument("--trials", type=int, default=60, help="Optuna trials")
-    ap.add_argument("--epochs", type=int, help="override every member's epochs")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    ap = ArgumentParser(prog="python -m tuning.recipe", description=__doc__)
+    ap.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (re-running resumes)")
+    ap.add_argument("--data", metavar="DIR", help="dataset root (default: generate the embedded default)")
+    ap.add_argument("--trials", type=number(int, 0), default=60, metavar="N", help="Optuna trials")
+    ap.add_argument("--epochs", type=number(int, 1), metavar="N", help="override every member's epochs")
+    ap.add_argument("--seed", type=number(int, 0), default=0, metavar="N", help="seed of data, split and members")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--workers", type=number(int, 0), default=0, metavar="N", help="DataLoader workers")
     args = ap.parse_args(argv)
     members = [MemberSpec(m.name, m.arch, {**m.options, **({"epochs": args.epochs} if args.epochs else {})})
                for m in DEMO_MEMBERS]
@@ -293,4 +293,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

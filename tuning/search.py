@@ -32,6 +32,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from competition.cli import ArgumentParser, UserError, number, run_command
 from competition.metrics import file_keys
 from ensemble.postprocess import PostProcessing
 from tuning.heldout import HeldoutSet, heldout_set
@@ -97,7 +98,8 @@ def split_halves(heldout: HeldoutSet, seed: int = 0) -> tuple[HeldoutSet, Heldou
     """
     classes = np.intersect1d(np.unique(heldout.query_labels), np.unique(heldout.reference_labels))
     if len(classes) < 2:
-        raise ValueError(f"need at least 2 held-out classes with queries and references, got {len(classes)}")
+        raise UserError(f"need at least 2 held-out classes with queries and references, got {len(classes)}: "
+                        "hold out more classes")
     order = np.random.default_rng(seed).permutation(len(classes))
     half = (len(classes) + 1) // 2
     search, check = np.sort(classes[order[:half]]), np.sort(classes[order[half:]])
@@ -246,18 +248,22 @@ def tune_bundle(bundle_path: str | os.PathLike, config: SearchConfig, storage: s
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m tuning.search", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bundle", required=True, help="ensemble bundle to tune (its held-out descriptors)")
-    ap.add_argument("--trials", type=int, default=100, help="completed trials wanted in the study (all workers)")
-    ap.add_argument("--timeout", type=float, default=None, help="stop this worker after S seconds")
-    ap.add_argument("--storage", default=None,
-                    help="Optuna RDB URL or journal:PATH (default: sqlite file in the bundle's tuning dir)")
-    ap.add_argument("--study", default=None, help="study name (default: postprocessing)")
-    ap.add_argument("--n-jobs", type=int, default=1, help="threads of this worker")
-    ap.add_argument("--seed", type=int, default=0, help="TPE seed (use a different one per worker)")
-    ap.add_argument("--split-seed", type=int, default=0, help="seed of the search/check class split")
-    ap.add_argument("--no-kreciprocal", action="store_true", help="leave k-reciprocal re-ranking out")
-    ap.add_argument("--stale-after", type=float, default=None,
+    ap = ArgumentParser(prog="python -m tuning.search", description=__doc__)
+    ap.add_argument("--bundle", required=True, metavar="DIR", help="the ensemble bundle to tune")
+    ap.add_argument("--trials", type=number(int, 1), default=100, metavar="N",
+                    help="completed trials wanted in the study, all workers together")
+    ap.add_argument("--timeout", type=number(float, 0.0), default=None, metavar="S",
+                    help="stop this worker after S seconds")
+    ap.add_argument("--storage", default=None, metavar="URL",
+                    help="Optuna RDB URL or journal:PATH (default: a SQLite file in BUNDLE.tuning/)")
+    ap.add_argument("--study", default=None, metavar="NAME", help="study name (default: postprocessing)")
+    ap.add_argument("--n-jobs", type=number(int, 1, 64), default=1, metavar="N", help="threads of this worker")
+    ap.add_argument("--seed", type=number(int, 0), default=0, metavar="N",
+                    help="TPE sampler seed (use a different one per worker)")
+    ap.add_argument("--split-seed", type=number(int, 0), default=0, metavar="N",
+                    help="seed of the search/check split of the held-out classes")
+    ap.add_argument("--no-kreciprocal", action="store_true", help="leave k-reciprocal re-ranking out of the search")
+    ap.add_argument("--stale-after", type=number(float, 0.0), default=None, metavar="S",
                     help="treat RUNNING trials of other hosts older than S seconds as dead")
     ap.add_argument("--no-report", action="store_true", help="skip the report and plots")
     return ap.parse_args(argv)
@@ -279,4 +285,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))
