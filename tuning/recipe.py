@@ -1,267 +1,291 @@
-"""The whole recipe in one command: data, split, members, ensemble, tuning, local
-submission, and a table of what each stage adds.
+"""The whole recipe in one command: data, split, members, ensemble, tuning, an optional refit
+on all classes, a local submission, and a table of what each stage adds.
 
-    python -m tuning.recipe --out runs/demo                 # embedded generated data
-    python -m tuning.recipe --out runs/real --data DATASET  # a dataset in the hackathon layout
+    python -m tuning.recipe                                   # the embedded demo (recipes/demo.toml)
+    python -m tuning.recipe --config recipes/grocery-cpu.toml # a recipe file (see tuning/recipe_config.py)
+    python -m tuning.recipe --config R.toml --data DATASET --trials 200 --parallel 2 --refit
+    python -m tuning.recipe --config R.toml --print-config    # the resolved recipe, nothing run
 
-Every step writes its result into OUT and is skipped when it is already there, so an
-interrupted run picks up where it stopped (a member's training resumes mid-run).
+Every step records the configuration it ran (OUT/steps/*.json, tuning/steps.py) and is
+skipped when that is what is asked again; a changed configuration re-runs the step and
+those after it, and says which fields changed. An interrupted run picks up where it
+stopped (a member's training resumes mid-run). OUT keeps the resolved recipe.toml.
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 from competition.cli import ArgumentParser, number, run_command
-from competition.data import QUERY_DIR, REFERENCE_DIR, image_name, list_images, read_labels, scan_train
-from competition.fileio import atomic_write_json, atomic_write_text
-from competition.metrics import file_keys
+from competition.data import LABELS_FILE, DataError, scan_train
+from competition.fileio import atomic_write_json, atomic_write_text, sha256_file
 from competition.split import HeldoutSplit, make_split
-from ensemble.postprocess import PostProcessing
-from rerank.pipeline import RerankParams
-from tuning.heldout import HeldoutSet, heldout_set
-from tuning.objective import evaluate
+from tuning.heldout import heldout_set
+from tuning.recipe_config import RECIPE_FILE, RecipeConfig, apply_overrides, load_recipe, to_toml
+from tuning.steps import StepRecord, config_hash
+from tuning.table import describe_test_set, format_table, plot_table, score_rows, stage_rows, table_for_file
+
+# training options that do not change what a member learns (a change does not retrain it)
+NOT_RESULT = ("workers", "progress", "device", "val_batch_size", "resume", "stop_after_epoch", "out")
 
 
-@dataclass
-class MemberSpec:
-    """One backbone to train: its name in the ensemble and its TrainConfig fields."""
-
-    name: str
-    arch: str
-    options: dict = field(default_factory=dict)   # any backbones.train.TrainConfig field
-
-
-# Three small networks of different designs that train from scratch in a minute or two each
-# on 2 CPU cores (mobilenetv3 and efficientnet barely move from scratch at this size).
-DEMO_MEMBERS = [
-    MemberSpec("resnet10t", "resnet10t", {"image_size": 64, "epochs": 20, "lr": 3e-3, "embedding_dim": 128}),
-    MemberSpec("resnet14t", "resnet14t", {"image_size": 64, "epochs": 20, "lr": 3e-3, "embedding_dim": 128,
-                                          "head": "cosface", "margin": 0.2, "scale": 16.0}),
-    MemberSpec("regnet", "regnetx_002", {"image_size": 64, "epochs": 25, "lr": 3e-3, "embedding_dim": 128,
-                                         "head": "cosface", "margin": 0.2, "scale": 16.0}),
-]
-# The embedded default for the main job: larger than the generator's own default so that
-# the held-out split (14 classes, ~40 queries) is big enough to tune on.
-DEMO_DATA = {"train_classes": 48, "images_per_class": 12, "test_classes": 12,
-             "queries_per_class": 3, "references_per_class": 9}
-
-
-@dataclass
-class RecipeConfig:
-    """What the recipe runs; ``data`` None generates the embedded default dataset."""
-
-    out: str = "runs/demo"
-    data: str | None = None
-    members: list[MemberSpec] = field(default_factory=lambda: list(DEMO_MEMBERS))
-    heldout: float = 0.3
-    seed: int = 0
-    trials: int = 60
-    synth: dict = field(default_factory=lambda: dict(DEMO_DATA))   # SynthConfig fields (no --data)
-    device: str = "auto"
-    workers: int = 0
-    batch_size: int = 32
-    k: int = 1000
-
-
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
     print(f"[recipe] {msg}", flush=True)
 
 
+def _rerun(what: str, changes: list[str]) -> None:
+    if changes and changes != ["not run yet"]:
+        say(f"{what}: " + ("resuming" if changes == ["interrupted"] else
+                           "configuration changed (" + "; ".join(changes[:6]) + "): running it again"))
+
+
 def prepare_data(cfg: RecipeConfig) -> Path:
-    """Return the dataset root, generating the embedded default under OUT/data if needed."""
+    """Return the dataset root, generating the embedded default under OUT/data when ``data`` is ""."""
     if cfg.data:
+        scan_train(cfg.data)  # a wrong path is one clear line, before anything is written
         return Path(cfg.data)
     from competition.synth import SynthConfig, generate
     root = Path(cfg.out) / "data"
-    if not (root / "test" / "labels.csv").is_file():
+    step, config = StepRecord.of(cfg.out, "data"), {"synth": cfg.synth, "seed": cfg.seed}
+    changes = step.changes(config)
+    if changes:
+        _rerun("generated data", changes)
+        step.start(config)
         summary = generate(root, SynthConfig(seed=cfg.seed, overwrite=root.exists(), **cfg.synth))
-        _say(f"generated {summary['images']} images in {root}")
+        step.finish(config, images=summary["images"])
+        say(f"generated {summary['images']} images in {root}")
     return root
 
 
-def prepare_split(cfg: RecipeConfig, data: Path) -> Path:
-    """Write (once) and return OUT/split.json, the held-out split every member shares."""
+def prepare_split(cfg: RecipeConfig, data: Path) -> HeldoutSplit:
+    """Write (when its configuration changed) and return OUT/split.json, the split every member shares."""
     path = Path(cfg.out) / "split.json"
-    if not path.is_file():
-        make_split(scan_train(data), cfg.heldout, seed=cfg.seed).save(path)
+    step, config = StepRecord.of(cfg.out, "split"), {"data": str(Path(data).resolve()), "heldout": cfg.heldout,
+                                                       "seed": cfg.seed}
+    if step.changes(config) or not path.is_file():
+        _rerun("held-out split", step.changes(config))
+        split = make_split(scan_train(data), cfg.heldout, seed=cfg.seed)
+        split.save(path)
+        step.finish(config, hash=split.hash)
     split = HeldoutSplit.load(path)
-    _say(f"split {split.hash}: {len(split.train_classes)} train classes, {len(split.heldout_classes)} held out")
-    return path
+    say(f"split {split.hash}: {len(split.train_classes)} train classes, {len(split.heldout_classes)} held out")
+    return split
 
 
-def train_members(cfg: RecipeConfig, data: Path, split_path: Path) -> dict[str, dict]:
-    """Train (or resume, or skip) every member; return {name: {"run_dir", "seconds", ...}}."""
+def member_options(cfg: RecipeConfig, i: int, data: Path, out: Path, split: HeldoutSplit | None) -> dict:
+    """The full training options of member ``i`` (``split`` None: trained on every train class)."""
+    spec = cfg.members[i]
+    opts = {"workers": cfg.workers, "device": cfg.devices[i % len(cfg.devices)], "seed": cfg.seed + i, "k": cfg.k,
+            **spec.train_options(cfg.defaults), "data": str(Path(data).resolve()), "out": str(out.resolve())}
+    if split is None:
+        opts.update(split=None, heldout_fraction=0.0)
+    else:
+        opts.update(split=str((Path(cfg.out) / "split.json").resolve()))
+    return opts
+
+
+def _step_config(options: dict, split: HeldoutSplit | None) -> dict:
+    return {"train": {k: v for k, v in options.items() if k not in NOT_RESULT},
+            "split": None if split is None else split.hash}
+
+
+def _train_in_process(options: dict) -> dict:
+    from backbones.config import TrainConfig
+    from backbones.train import train
+    return train(TrainConfig.from_dict(options))
+
+
+def _train_in_subprocess(options: dict, log_path: str, threads: int) -> dict:
+    """A worker process: train one member with its own log and thread count (picklable, for spawn)."""
+    import contextlib
+
+    import torch
+    torch.set_num_threads(threads)
+    with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        return _train_in_process({**options, "progress": False})
+
+
+def train_members(cfg: RecipeConfig, data: Path, split: HeldoutSplit | None, folder: str = "members",
+                  label: str = "member") -> dict[str, dict]:
+    """Train (or resume, or skip) every member into OUT/<folder>/<name>; ``cfg.parallel`` at once.
+
+    Returns ``{name: {"run_dir", "seconds", "best", "config"}}`` (what actually ran)."""
     from backbones.checkpoint import can_resume
-    from backbones.train import TrainConfig, train
-    done: dict[str, dict] = {}
+    out = Path(cfg.out)
+    todo, done = [], {}
     for i, spec in enumerate(cfg.members):
-        run_dir = Path(cfg.out) / "members" / spec.name
-        marker = run_dir / "recipe_done.json"
-        if marker.is_file():
-            done[spec.name] = json.loads(marker.read_text())
+        run_dir = out / folder / spec.name
+        options = member_options(cfg, i, data, run_dir, split)
+        step, config = StepRecord.of(out, f"{folder}-{spec.name}"), _step_config(options, split)
+        changes = step.changes(config)
+        if not changes:
+            done[spec.name] = step.info()
             continue
-        options = {"batch_size": cfg.batch_size, "workers": cfg.workers, "device": cfg.device,
-                   "seed": cfg.seed + i, **spec.options}
-        tc = TrainConfig(data=str(data), out=str(run_dir), arch=spec.arch, split=str(split_path),
-                         resume=can_resume(run_dir), **options)
-        _say(f"training member {spec.name} ({spec.arch})" + (" - resuming" if tc.resume else ""))
-        t0 = time.time()
-        result = train(tc)
-        info = {"run_dir": str(run_dir), "seconds": round(time.time() - t0, 1), "arch": spec.arch,
-                "best": result.get("best")}
-        atomic_write_json(marker, info)
-        done[spec.name] = info
+        _rerun(f"{label} {spec.name}", changes)
+        resume = step.started_with(config) and can_resume(run_dir)
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)
+        step.start(config)
+        todo.append((spec.name, {**options, "resume": resume}, step, config))
+    if not todo:
+        return done
+
+    def record(name: str, options: dict, step: StepRecord, config: dict, result: dict, seconds: float) -> None:
+        info = {"run_dir": options["out"], "seconds": round(seconds, 1), "best": result.get("best"),
+                "epoch": result.get("epoch"), "config": options}
+        step.finish(config, **info)
+        done[name] = info
+
+    if cfg.parallel <= 1:
+        for name, options, step, config in todo:
+            say(f"training {label} {name} ({options['arch']}, {options['device']})"
+                + (" - resuming" if options["resume"] else ""))
+            t0 = time.time()
+            record(name, options, step, config, _train_in_process(options), time.time() - t0)
+        return done
+    threads = max(1, (os.cpu_count() or 1) // cfg.parallel)
+    say(f"training {len(todo)} {label}s, {cfg.parallel} at a time ({threads} threads each); logs in "
+        f"{out / folder}/<name>/train.log")
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=cfg.parallel, mp_context=ctx) as pool:
+        started = {}
+        for name, options, step, config in todo:
+            Path(options["out"]).mkdir(parents=True, exist_ok=True)
+            log = str(Path(options["out"]) / "train.log")
+            started[name] = (pool.submit(_train_in_subprocess, options, log, threads), options, step, config,
+                             time.time())
+        for name, (future, options, step, config, t0) in started.items():
+            result = future.result()
+            record(name, options, step, config, result, time.time() - t0)
+            say(f"{label} {name} done: best held-out mAP@{cfg.k} {result.get('best', float('nan')):.4f}")
     return done
 
 
-def build_and_tune(cfg: RecipeConfig, data: Path, members: dict[str, dict]) -> Path:
-    """Build the ensemble checkpoint OUT/bundle (once) and run the tuning study on it."""
+def _fingerprints(members: dict[str, dict], names: list[str]) -> dict[str, str]:
+    from backbones.checkpoint import WEIGHTS_FILE
+    return {n: sha256_file(Path(members[n]["run_dir"]) / WEIGHTS_FILE)[:16] for n in names}
+
+
+def build_step(cfg: RecipeConfig, data: Path, members: dict[str, dict], name: str = "bundle",
+               split_file: Path | None = None, refit_of: dict | None = None) -> Path:
+    """Build OUT/<name> from the members when they changed; a rebuilt bundle's old tuning study goes."""
     from ensemble.build import BuildConfig, build_from_paths
     from ensemble.bundle import is_bundle
-    from tuning.search import SearchConfig, tune_bundle
-    bundle_dir = Path(cfg.out) / "bundle"
-    if not is_bundle(bundle_dir):
-        _, summary = build_from_paths([members[m.name]["run_dir"] for m in cfg.members], data, bundle_dir,
-                                      BuildConfig(device=cfg.device, seed=cfg.seed, progress=False))
-        _say(summary.line())
-    if cfg.trials > 0:
-        result = tune_bundle(bundle_dir, SearchConfig(n_trials=cfg.trials, seed=cfg.seed))
-        _say(f"tuned: held-out search half mAP@{cfg.k} {result.best_value:.4f} "
-             f"(defaults {result.defaults_value:.4f}); check half {result.check_best['map_at_k']:.4f} "
-             f"(defaults {result.check_defaults['map_at_k']:.4f})")
+    from tuning.search import tuning_dir
+    bundle_dir = Path(cfg.out) / name
+    names = [m.name for m in cfg.members]
+    step = StepRecord.of(cfg.out, name)
+    config = {"members": _fingerprints(members, names), "refit_of": refit_of}
+    changes = step.changes(config)
+    if changes or not is_bundle(bundle_dir):
+        _rerun(name, changes)
+        shutil.rmtree(tuning_dir(bundle_dir), ignore_errors=True)
+        build = BuildConfig(device=cfg.devices[0], seed=cfg.seed, progress=False, workers=cfg.workers,
+                            split=split_file, refit_of=refit_of)
+        _, summary = build_from_paths([members[n]["run_dir"] for n in names], data, bundle_dir, build)
+        step.finish(config, id=config_hash(config))
+        say(summary.line())
     return bundle_dir
 
 
-def test_set(bundle, data: Path, cache_dir: Path, device: str) -> HeldoutSet:
-    """Member descriptors of the test queries and references, as a HeldoutSet scored like the held-out one."""
-    labels = read_labels(data)
-    ensemble = bundle.ensemble(device=device, cache_dir=cache_dir)
-    query_paths, ref_paths = list_images(data / QUERY_DIR), list_images(data / REFERENCE_DIR)
-    # the set names Ensemble.rank uses, so the local submission reuses these descriptors
-    query, q_ok = ensemble.member_descriptors(query_paths, set_name="query")
-    reference, r_ok = ensemble.member_descriptors(ref_paths, set_name="reference")
-    q_labels = [labels["query"][image_name(p)] for p, ok in zip(query_paths, q_ok) if ok]
-    r_labels = [labels["reference"][image_name(p)] for p, ok in zip(ref_paths, r_ok) if ok]
-    return HeldoutSet(bundle.member_names, query, reference, bundle.train_descriptors(), q_labels, r_labels)
+def tune_step(cfg: RecipeConfig, bundle_dir: Path) -> None:
+    """Run (or resume, or extend) the tuning study on the bundle; a study of another configuration restarts."""
+    from tuning.search import SearchConfig, tune_bundle
+    if cfg.trials <= 0:
+        return
+    step = StepRecord.of(cfg.out, "tuning")
+    study_config = {"bundle": StepRecord.of(cfg.out, "bundle").info().get("id"), "k": cfg.k, "seed": cfg.seed,
+                    "storage": cfg.storage}
+    if step.changes({**study_config, "trials": cfg.trials}) == []:
+        return
+    result = tune_bundle(bundle_dir, SearchConfig(n_trials=cfg.trials, seed=cfg.seed, k=cfg.k),
+                         storage=cfg.storage or None, study_name=f"postprocessing-{config_hash(study_config)}")
+    step.finish({**study_config, "trials": cfg.trials}, best=result.best_value)
+    say(f"tuned: held-out search half mAP@{cfg.k} {result.best_value:.4f} (defaults {result.defaults_value:.4f}); "
+        f"check half {result.check_best['map_at_k']:.4f} (defaults {result.check_defaults['map_at_k']:.4f})")
 
 
-def stage_rows(member_names: list[str], tuned: PostProcessing, n_images: int) -> dict[str, PostProcessing]:
-    """The table's rows: each member alone, then the ensemble with one more stage each, then tuned."""
-    n = len(member_names)
-    rows = {f"{name} alone": PostProcessing(weights=[float(i == j) for j in range(n)])
-            for i, name in enumerate(member_names)}
-    rows["ensemble, equal weights"] = PostProcessing()
-    whitened = PostProcessing(whiten=True, whiten_power=0.5)
-    rows["+ PCA-whitening"] = whitened
-    expanded = replace(whitened, rerank=RerankParams(dba_n=1, dba_alpha=3.0, aqe_n=2, aqe_alpha=3.0))
-    rows["+ DBA/aQE"] = expanded
-    k1 = max(2, min(20, n_images // 4))
-    rows["+ k-reciprocal (defaults)"] = replace(expanded, rerank=replace(
-        expanded.rerank, use_kreciprocal=True, k1=k1, k2=min(6, k1)))
-    rows["tuned"] = tuned
-    return rows
-
-
-def score_rows(rows: dict[str, PostProcessing], heldout: HeldoutSet, test: HeldoutSet | None,
-               k: int) -> list[dict]:
-    """Score every row on the held-out split and (when given) the test set:
-    ``[{"row", "heldout": scores, "test": scores or None, "seconds"}]``, scores as ``evaluate`` gives them."""
-    table = []
-    for name, post in rows.items():
-        t0 = time.time()
-        table.append({"row": name, "heldout": evaluate(heldout, post, k=k),
-                      "test": None if test is None else evaluate(test, post, k=k),
-                      "seconds": round(time.time() - t0, 2)})
-    return table
-
-
-def table_for_file(table: list[dict], k: int) -> list[dict]:
-    """The table's rows with their scores spelled as files spell them (``mAP@<k>``, ``Recall@1``)."""
-    return [{**r, "heldout": file_keys(r["heldout"], k), "test": r["test"] and file_keys(r["test"], k)}
-            for r in table]
+def refit_step(cfg: RecipeConfig, data: Path, split: HeldoutSplit, bundle_dir: Path) -> Path:
+    """Retrain every member on all train classes, then build OUT/refit with the tuned post-processing."""
+    from ensemble.bundle import Bundle
+    tuned = Bundle.load(bundle_dir)
+    members = train_members(cfg, data, None, folder="refit-members", label="refit member")
+    refit_of = {"split": split.hash, "members": dict(zip(tuned.member_names,
+                                                         [s["fingerprint"][:16] for s in tuned.member_specs])),
+                "post": config_hash(tuned.post.to_dict())}
+    refit_dir = build_step(cfg, data, members, name="refit", split_file=Path(cfg.out) / "split.json",
+                           refit_of=refit_of)
+    refit = Bundle.load(refit_dir)
+    if refit.post != tuned.post:
+        refit.set_postprocessing(tuned.post)   # whitening refitted on every train class
+        say(f"refit bundle {refit_dir}: tuned post-processing adopted, whitening refitted on all train classes")
+    return refit_dir
 
 
 def submit_through_main(cfg: RecipeConfig, data: Path, bundle_dir: Path) -> dict | None:
     """Run the NSML entry point (``python -m main``) in test mode in a subprocess; return its scores.
 
-    It ranks through main.py's own infer path, reusing the test descriptors
-    ``test_set`` cached in OUT/cache rather than extracting them a second time."""
+    It ranks through main.py's own infer path, reusing the test descriptors the table cached in
+    OUT/cache rather than extracting them a second time."""
     run_dir = Path(cfg.out).resolve()
     out = run_dir / "submission"
-    cmd = [sys.executable, "-m", "main", "--mode", "test",
-           "--pause", "1", "--data", str(Path(data).resolve()), "--checkpoint", str(Path(bundle_dir).resolve()),
-           "--out", str(out), "--device", cfg.device, "--cache-dir", str(run_dir / "cache")]
-    _say("local submission: " + " ".join(cmd[1:]))
+    cmd = [sys.executable, "-m", "main", "--mode", "test", "--pause", "1", "--data", str(Path(data).resolve()),
+           "--checkpoint", str(Path(bundle_dir).resolve()), "--out", str(out), "--device", cfg.devices[0],
+           "--cache-dir", str(run_dir / "cache"), "--k", str(cfg.k)]
+    say("local submission: " + " ".join(cmd[1:]))
     # run from OUT: the installed main module, never a main.py that happens to sit in the caller's folder
     subprocess.run(cmd, check=True, cwd=run_dir)
     scores = out / "scores.json"
     return json.loads(scores.read_text()) if scores.is_file() else None
 
 
-def format_table(table: list[dict], k: int) -> str:
-    """A markdown table of the rows."""
-    has_test = table[0]["test"] is not None
-    head = f"| row | held-out mAP@{k} |" + (f" test mAP@{k} | test Recall@1 |" if has_test else "") + " time (s, training included) |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in table:
-        cells = [r["row"], f"{r['heldout']['map_at_k']:.4f}"]
-        if has_test:
-            cells += [f"{r['test']['map_at_k']:.4f}", f"{r['test']['recall_at_1']:.4f}"]
-        cells.append(f"{r['seconds'] + r.get('train_seconds', 0):.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_table(table: list[dict], path: Path, k: int) -> None:
-    """A horizontal bar chart of held-out and test mAP@k per row."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = [r["row"] for r in table][::-1]
-    y = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
-    ax.barh(y + 0.2, [r["heldout"]["map_at_k"] for r in table][::-1], height=0.4, label="held-out")
-    if table[0]["test"] is not None:
-        ax.barh(y - 0.2, [r["test"]["map_at_k"] for r in table][::-1], height=0.4, label="test")
-    ax.set_yticks(y, names)
-    ax.set_xlabel(f"mAP@{k}")
-    ax.set_xlim(0, 1)
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def run_recipe(cfg: RecipeConfig) -> list[dict]:
-    """Run every step (skipping finished ones); return the table rows and write OUT/results.*."""
+    """Run every step (skipping current ones); return the table rows and write OUT/results.*."""
     from ensemble.bundle import Bundle
+    cfg.check()
+    t0 = time.time()
+    if cfg.data:
+        scan_train(cfg.data)   # a wrong --data fails before OUT is created
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    atomic_write_text(out / RECIPE_FILE, to_toml(cfg))
     data = prepare_data(cfg)
-    split_path = prepare_split(cfg, data)
-    members = train_members(cfg, data, split_path)
-    bundle_dir = build_and_tune(cfg, data, members)
+    split = prepare_split(cfg, data)
+    members = train_members(cfg, data, split)
+    bundle_dir = build_step(cfg, data, members)
+    tune_step(cfg, bundle_dir)
+    refit_dir = refit_step(cfg, data, split, bundle_dir) if cfg.refit else None
     bundle = Bundle.load(bundle_dir)
     heldout = heldout_set(bundle)
-    has_labels = (data / "test" / "labels.csv").is_file()
-    test = test_set(bundle, data, out / "cache", cfg.device) if has_labels else None
+    has_labels = (data / LABELS_FILE).is_file()
+    cache = out / "cache"
+    test = describe_test_set(bundle, data, cache, cfg.devices[0]) if has_labels else None
     n_images = min(len(heldout.reference_labels), len(test.reference_labels) if test else 10**9)
     table = score_rows(stage_rows(bundle.member_names, bundle.post, n_images), heldout, test, cfg.k)
     for r in table:
         name = r["row"].removesuffix(" alone")
         if name in members:
-            r["train_seconds"] = members[name]["seconds"]
-    submitted = submit_through_main(cfg, data, bundle_dir)
-    results = {"config": asdict(cfg), "data": str(data), "table": table_for_file(table, cfg.k), "submission": submitted,
+            r["train_seconds"] = members[name].get("seconds", 0.0)
+    final_dir = bundle_dir
+    if refit_dir is not None:
+        final_dir = refit_dir
+        refit = Bundle.load(refit_dir)
+        refit_test = describe_test_set(refit, data, cache, cfg.devices[0]) if has_labels else None
+        row = score_rows({"refit on all classes": refit.post}, heldout, refit_test, cfg.k)[0]
+        row["heldout"] = None   # its members learnt the held-out classes: no honest held-out score
+        row["train_seconds"] = sum(StepRecord.of(out, f"refit-members-{m.name}").info().get("seconds", 0.0)
+                                   for m in cfg.members)
+        table.append(row)
+    submitted = submit_through_main(cfg, data, final_dir) if has_labels else None
+    results = {"recipe": cfg.to_dict(), "data": str(data), "members": {n: m.get("config") for n, m in members.items()},
+               "table": table_for_file(table, cfg.k), "submission": submitted, "submitted_bundle": str(final_dir),
                "tuned_post": bundle.post.to_dict(), "seconds": round(time.time() - t0, 1)}
     atomic_write_json(out / "results.json", results)
     text = format_table(table, cfg.k)
@@ -269,26 +293,57 @@ def run_recipe(cfg: RecipeConfig) -> list[dict]:
     plot_table(table, out / "results.png", cfg.k)
     print("\n" + text)
     if submitted:
-        print(f"\nlocal submission of the tuned checkpoint: mAP@{cfg.k} {submitted[f'mAP@{cfg.k}']:.4f}, "
-              f"Recall@1 {submitted['Recall@1']:.4f} (the 'tuned' row's test column, through main.py)")
+        print(f"\nlocal submission of {final_dir.name}: mAP@{cfg.k} {submitted[f'mAP@{cfg.k}']:.4f}, "
+              f"Recall@1 {submitted['Recall@1']:.4f} (the '{table[-1]['row']}' row's test column, through main.py)")
     print(f"\nresults in {out}/results.{{md,json,png}}; total {time.time() - t0:.0f} s")
     return table
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None):
     ap = ArgumentParser(prog="python -m tuning.recipe", description=__doc__)
-    ap.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (re-running resumes)")
-    ap.add_argument("--data", metavar="DIR", help="dataset root (default: generate the embedded default)")
-    ap.add_argument("--trials", type=number(int, 0), default=60, metavar="N", help="Optuna trials")
-    ap.add_argument("--epochs", type=number(int, 1), metavar="N", help="override every member's epochs")
-    ap.add_argument("--seed", type=number(int, 0), default=0, metavar="N", help="seed of data, split and members")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    ap.add_argument("--workers", type=number(int, 0), default=0, metavar="N", help="DataLoader workers")
-    args = ap.parse_args(argv)
-    members = [MemberSpec(m.name, m.arch, {**m.options, **({"epochs": args.epochs} if args.epochs else {})})
-               for m in DEMO_MEMBERS]
-    run_recipe(RecipeConfig(out=args.out, data=args.data, members=members, trials=args.trials,
-                            seed=args.seed, device=args.device, workers=args.workers))
+    ap.add_argument("--config", metavar="FILE.toml", help="a recipe file (default: the embedded demo)")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved recipe and stop")
+    ap.add_argument("--out", metavar="DIR", help="output folder (default: runs/<recipe name>; re-running resumes)")
+    ap.add_argument("--data", metavar="DIR", help="dataset root (default: the recipe's, or generated data)")
+    ap.add_argument("--heldout", type=number(float, 0.0, 0.99), metavar="X",
+                    help="share of the train classes held out for tuning")
+    ap.add_argument("--members", nargs="+", metavar="NAME", help="train and ensemble only these members")
+    ap.add_argument("--epochs", type=number(int, 1), metavar="N", help="every member's epochs")
+    ap.add_argument("--image-size", "--img-size", type=number(int, 16, 4096), metavar="PX",
+                    help="every member's image size")
+    ap.add_argument("--trials", type=number(int, 0), metavar="N", help="Optuna trials")
+    ap.add_argument("--k", type=number(int, 1), metavar="N", help="mAP@k and the ranking length everywhere")
+    ap.add_argument("--storage", metavar="URL", help="Optuna storage: journal:PATH or an RDB URL")
+    ap.add_argument("--seed", type=number(int, 0), metavar="N", help="seed of data, split, members and study")
+    ap.add_argument("--devices", nargs="+", metavar="DEVICE", help="member i trains on devices[i % n]")
+    ap.add_argument("--parallel", type=number(int, 1, 64), metavar="N", help="members trained at once")
+    ap.add_argument("--workers", type=number(int, 0), metavar="N", help="DataLoader workers per member")
+    ap.add_argument("--refit", action=__import__("argparse").BooleanOptionalAction, default=None,
+                    help="retrain every member on all train classes after tuning")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any recipe value, e.g. synth.test_classes=20 or members.regnet.lr=0.01 (repeatable)")
+    return ap.parse_args(argv)
+
+
+def resolve(args) -> RecipeConfig:
+    """The recipe file (or the embedded demo) with the command line laid over it."""
+    cfg = load_recipe(args.config) if args.config else RecipeConfig()
+    values = {k: getattr(args, k) for k in ("out", "data", "heldout", "epochs", "image_size", "trials", "k",
+                                             "storage", "seed", "devices", "parallel", "workers", "refit")}
+    if args.devices and args.parallel is None:
+        values["parallel"] = len(args.devices)
+    return apply_overrides(cfg, values, args.set, args.members)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = resolve(args)
+    if args.print_config:
+        print(to_toml(cfg), end="")
+        return 0
+    if cfg.data and not Path(cfg.data).is_dir():
+        raise DataError(f"{cfg.data}: dataset folder not found")
+    run_recipe(cfg)
     return 0
 
 
