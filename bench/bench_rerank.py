@@ -5,6 +5,7 @@ that run's own peak resident memory (faiss allocations included).
 
     python bench/bench_rerank.py all --out bench/results_rerank.md
     python bench/bench_rerank.py one --impl sparse --nq 18027 --nr 36748   # single run, JSON
+    python bench/bench_rerank.py one --impl search --top-k 36748 --device cuda   # full ranking
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def cmd_one(a: argparse.Namespace) -> None:
     sys.path.insert(0, HERE)
     if a.impl == "sparse":
         from rerank import k_reciprocal
+    elif a.impl == "search":
+        from rerank import search
     else:
         from dense_kreciprocal import dense_top_k
     q, r = make_data(a.nq, a.nr, a.d, a.clusters, a.seed)
@@ -65,13 +68,15 @@ def cmd_one(a: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     if a.impl == "sparse":
         dist, idx = k_reciprocal(q, r, a.k1, a.k2, a.lambda_value, top_k=a.top_k,
-                                 progress=a.progress)
+                                 device=a.device, progress=a.progress)
+    elif a.impl == "search":   # plain exact search; --top-k = --nr is a full ranking
+        dist, idx = search(q, r, a.top_k, device=a.device, progress=a.progress)
     else:
         dist, idx = dense_top_k(q, r, a.top_k, k1=a.k1, k2=a.k2, lambda_value=a.lambda_value)
     wall = time.perf_counter() - t0
     cpu = time.process_time() - c0
-    res = {"impl": a.impl, "nq": a.nq, "nr": a.nr, "d": a.d, "wall_s": round(wall, 2),
-           "cpu_s": round(cpu, 2), "load_before": round(load, 2),
+    res = {"impl": a.impl, "device": a.device, "top_k": a.top_k, "nq": a.nq, "nr": a.nr, "d": a.d,
+           "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "load_before": round(load, 2),
            "peak_rss_mb": round(peak_mb(), 1), "rss_before_mb": round(base_mb, 1),
            "delta_mb": round(peak_mb() - base_mb, 1)}
     if a.save:
@@ -180,7 +185,9 @@ def main(argv: list[str] | None = None) -> None:
         sp_.add_argument("--nr", type=int, default=PHASE2[1])
         sp_.add_argument("--clusters", type=int, default=sum(PHASE2) // 15)
     one = sub.choices["one"]
-    one.add_argument("--impl", choices=["sparse", "dense"], default="sparse")
+    one.add_argument("--impl", choices=["sparse", "dense", "search"], default="sparse",
+                     help="sparse k_reciprocal, its dense reference, or plain rerank.search")
+    one.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (sparse / search)")
     one.add_argument("--k1", type=int, default=20)
     one.add_argument("--k2", type=int, default=6)
     one.add_argument("--lambda-value", type=float, default=0.3)

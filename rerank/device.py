@@ -6,15 +6,28 @@ device asked for where no GPU is visible gives a ``RuntimeWarning`` and ``"cpu"`
 code path is the same on both, only the device differs. torch callers wrap the result
 in ``torch.device``; faiss callers additionally need faiss built with GPU support
 (``faiss_gpu_count``), else they run their index on the CPU (with a warning).
+
+faiss GPU specifics live here too: ``FAISS_GPU_MAX_K``, the largest ``k`` (and IVF
+``nprobe``) one faiss GPU search accepts, and ``faiss_gpu_resources``, one
+``StandardGpuResources`` per thread (faiss' resources are not thread-safe).
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import faiss
 
-__all__ = ["faiss_gpu_count", "resolve_device"]
+__all__ = ["FAISS_GPU_MAX_K", "faiss_gpu_count", "faiss_gpu_resources", "faiss_max_k",
+           "resolve_device"]
+
+FAISS_GPU_MAX_K = 2048
+"""Largest ``k`` / IVF ``nprobe`` of one faiss GPU search: faiss' ``GPU_MAX_SELECTION_K``
+(2048; 16384 in cuVS builds, where raising this makes deep searches use fewer shards).
+Read at every call, so assigning ``rerank.device.FAISS_GPU_MAX_K`` overrides it."""
+
+_THREAD = threading.local()
 
 
 def faiss_gpu_count() -> int:
@@ -22,6 +35,24 @@ def faiss_gpu_count() -> int:
     if not hasattr(faiss, "StandardGpuResources") or not hasattr(faiss, "get_num_gpus"):
         return 0
     return int(faiss.get_num_gpus())
+
+
+def faiss_max_k(device: str) -> int | None:
+    """Largest ``k`` / ``nprobe`` one faiss search on the resolved ``device`` accepts
+    (``None``: no limit, the CPU)."""
+    return None if device == "cpu" else int(FAISS_GPU_MAX_K)
+
+
+def faiss_gpu_resources() -> faiss.StandardGpuResources:
+    """This thread's faiss GPU resources, created on the thread's first GPU index.
+
+    ``StandardGpuResources`` is not thread-safe (Optuna runs trials in threads), so
+    every thread gets its own; each reserves faiss' default GPU scratch memory.
+    """
+    res = getattr(_THREAD, "gpu_res", None)
+    if res is None:
+        res = _THREAD.gpu_res = faiss.StandardGpuResources()
+    return res
 
 
 def _visible_gpus() -> int:

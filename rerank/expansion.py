@@ -49,7 +49,7 @@ def alpha_query_expansion(query_desc: np.ndarray, ref_desc: np.ndarray, n: int,
     if n == 0:
         return q
     dev = faiss_device(device)
-    idx = build_index(r, dev)
+    idx = build_index(r, dev, k=n)
     sims, nbr = search_index(idx, q, n, batch_size)
     return _weighted_sum(q, r, sims, nbr, alpha, True, batch_size)
 
@@ -73,6 +73,6 @@ def database_augmentation(ref_desc: np.ndarray, n: int, alpha: float = 3.0,
     if n <= 1:
         return r
     dev = faiss_device(device)
-    idx = build_index(r, dev)
+    idx = build_index(r, dev, k=n)
     sims, nbr = search_index(idx, r, n, batch_size)
     return _weighted_sum(r, r, sims, nbr, alpha, False, batch_size)

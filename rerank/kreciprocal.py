@@ -110,8 +110,9 @@ def _graph_fused(X: np.ndarray, Kp: int, block: int,
 def _graph_searched(X: np.ndarray, Kp: int, dev: str, batch_size: int,
                     progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Same outputs as :func:`_graph_fused` from two faiss index searches
-    (kNN, and farthest = nearest to ``-x``); used with a GPU index."""
-    index = build_index(X, dev)
+    (kNN, and farthest = nearest to ``-x``); used with a GPU index (sharded
+    where ``Kp`` exceeds the GPU's k limit, see :func:`rerank.search.build_index`)."""
+    index = build_index(X, dev, k=Kp)
     ip, nbr = search_index(index, X, Kp, batch_size, progress, "k-recip: kNN")
     _, far = search_index(index, -X, 1, batch_size, progress, "k-recip: farthest")
     return ip, nbr, far[:, 0]
