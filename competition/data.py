@@ -216,8 +216,8 @@ def scan_train(root: str | os.PathLike) -> TrainIndex:
     report.non_images += [str(f) for f in stray]  # files beside the class folders
     for class_dir in class_dirs:
         nested, files = _sort_entries(class_dir)
-        images = [f for f in files if is_image_file(f)]
-        report.non_images += [str(f) for f in files if not is_image_file(f)]
+        images = [f for f in files if _is_image_entry(f)]
+        report.non_images += [str(f) for f in files if not _is_image_entry(f)]
         report.subfolders += [str(d) for d in nested]
         if not images:
             report.empty_classes.append(str(class_dir))
@@ -239,6 +239,11 @@ def _sort_entries(folder: Path) -> tuple[list[Path], list[Path]]:
     return [e for e in entries if e.is_dir()], [e for e in entries if not e.is_dir()]
 
 
+def _is_image_entry(path: Path) -> bool:
+    """A file (not a broken link, not a folder) with an image extension."""
+    return is_image_file(path) and path.is_file()
+
+
 def _scan_flat(folder: Path, report: ScanReport | None = None, require_images: bool = False) -> list[Path]:
     """The images of a flat folder, sorted. Ignored entries get one warning naming the folder (the
     same folder scanned twice warns once) and are added to ``report``.
@@ -247,8 +252,8 @@ def _scan_flat(folder: Path, report: ScanReport | None = None, require_images: b
     and ``abc.png``), or, with ``require_images``, when it holds no image."""
     _require_dir(folder, folder.name)
     subfolders, files = _sort_entries(folder)
-    images = [f for f in files if is_image_file(f) and f.is_file()]
-    found = ScanReport(non_images=[str(f) for f in files if not (is_image_file(f) and f.is_file())],
+    images = [f for f in files if _is_image_entry(f)]
+    found = ScanReport(non_images=[str(f) for f in files if not _is_image_entry(f)],
                        subfolders=[str(d) for d in subfolders])
     found.warn_if_any(str(folder))
     if report is not None:
