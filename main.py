@@ -133,27 +133,43 @@ def build_checkpoint(state: SessionState, args: argparse.Namespace) -> None:
 
 
 def submit_locally(state: SessionState, args: argparse.Namespace) -> dict | None:
-    """Load, infer on every query, validate, write JSON + CSV, and score when labels exist."""
+    """Load the checkpoint, check the inputs (query and reference folders, test/labels.csv) before
+    ranking, infer on every query, validate, write JSON (+ CSV when its names allow), and score the
+    labelled queries when labels exist."""
+    from competition.data import LABELS_FILE, DataError, scan_test
+    from competition.submission import label_coverage
     if not args.checkpoint:
         raise UserError("test mode without NSML needs --checkpoint (an ensemble checkpoint folder)")
     nsml.load_path(args.checkpoint)
     root = Path(state.data_root)
-    query_paths = [str(p) for p in list_images(root / QUERY_DIR)]
+    test = scan_test(root)  # an empty query or reference folder is a DataError naming it
+    query_paths = [str(p) for p in test.query_paths]
+    query_names, reference_names = test.query_names, test.reference_names
+    try:
+        labels = read_labels(root)  # a malformed file stops here, before the ranking
+    except FileNotFoundError:
+        labels = None
+        print("no test/labels.csv: the submission will not be scored", flush=True)
+    if labels is not None:
+        coverage = label_coverage(labels, query_names, reference_names)
+        if not coverage.labelled_queries:
+            raise DataError(f"{root / LABELS_FILE}: labels none of the {len(query_names)} queries in "
+                            f"{root / QUERY_DIR} (e.g. {query_names[:3]}); fix it, or remove it for an unscored run")
+        if coverage.unlabelled_queries or coverage.unlabelled_references:
+            print(coverage.summary(), flush=True)
     submission = nsml.infer(query_paths)
     out = Path(args.out)
     json_path, csv_path = write_submission(submission, out)
-    print(f"submission: {len(submission)} queries -> {json_path}, {csv_path}", flush=True)
-    try:
-        labels = read_labels(root)
-    except FileNotFoundError:
-        print("no test/labels.csv: not scored", flush=True)
+    written = f"{json_path}, {csv_path}" if csv_path else f"{json_path} (no CSV: see the warning)"
+    print(f"submission: {len(submission)} queries -> {written}", flush=True)
+    if labels is None:
         return None
     # infer validated the submission; here it is only scored
     scores = file_keys(score_submission({q: refs for _, (q, refs) in submission}, labels,
                                         query_names=[q for _, (q, _) in submission],
-                                        reference_names=[image_name(p) for p in list_images(root / REFERENCE_DIR)]),
-                       1000)
-    print("local leaderboard: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+                                        reference_names=reference_names), 1000)
+    print("local leaderboard: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if not k.startswith("n_"))
+          + f"  ({scores['n_query']} queries)", flush=True)
     atomic_write_json(out / "scores.json", scores)
     if args.picture:
         from competition.picture import retrieval_picture
@@ -163,7 +179,8 @@ def submit_locally(state: SessionState, args: argparse.Namespace) -> dict | None
         rows = [(q, refs[:6]) for _, (q, refs) in submission[:n]]
         retrieval_picture([query_paths[i] for i in range(n)],
                           [[by_name[r] for r in refs] for _, refs in rows],
-                          [[labels["reference"][r] == labels["query"][q] for r in refs] for q, refs in rows],
+                          [[q in labels["query"] and labels["reference"].get(r) == labels["query"][q] for r in refs]
+                           for q, refs in rows],
                           out / "retrieval.png")
     return scores
 

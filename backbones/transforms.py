@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from competition.data import UnreadableImage, load_image
+from competition.data import DATASET_MAX_SIDE, UnreadableImage, load_image
 
 
 @dataclass
@@ -68,7 +68,7 @@ class TrainDataset(Dataset):
         bad: list[tuple[str, str]] = []
         for j in mates[start:] + mates[:start]:
             try:
-                img = load_image(self.paths[j])
+                img = load_image(self.paths[j], max_side=DATASET_MAX_SIDE)
             except UnreadableImage as exc:
                 bad.append((exc.path, exc.reason))
                 continue
@@ -97,7 +97,7 @@ class PathDataset(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            img = load_image(self.paths[index])
+            img = load_image(self.paths[index], max_side=DATASET_MAX_SIDE)
         except UnreadableImage as exc:
             return index, None, exc.reason
         return index, [t(img) for t in self.transforms], ""

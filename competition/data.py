@@ -32,6 +32,11 @@ TRAIN_DIR = Path("train") / "train_data"
 QUERY_DIR = Path("test") / "test_data" / "query"
 REFERENCE_DIR = Path("test") / "test_data" / "reference"
 LABELS_FILE = Path("test") / "labels.csv"
+LABEL_COLUMNS = ("split", "name", "class")
+# The longest side the training and extraction datasets decode (load_image's max_side): far above
+# what a network sees (a few hundred pixels, x4 at most with multi-scale extraction), far below a
+# 12000-pixel photo's ~430 MB of RGB.
+DATASET_MAX_SIDE = 2048
 
 # A truncated JPEG must be an error, never a half-grey picture.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -80,24 +85,37 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path: str | os.PathLike, max_side: int | None = None) -> Image.Image:
     """Read an image as RGB with its EXIF orientation applied.
 
+    ``max_side``: None returns the full size; otherwise the image's longer side is
+    at most ``max_side`` (aspect ratio kept). A large JPEG is then decoded at a
+    reduced scale (1/2, 1/4 or 1/8, PIL's draft mode: memory and time fall with
+    it) and resized for the rest; other formats are decoded whole, then resized.
     Raises ``UnreadableImage`` (naming the file) for empty, truncated or
-    undecodable files.
+    undecodable files, and for images above PIL's decompression-bomb limit.
     """
     path = os.fspath(path)
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be a positive integer or None, got {max_side}")
     try:
         if os.path.getsize(path) == 0:
             raise UnreadableImage(path, "empty file")
         with Image.open(path) as img:
+            if max_side is not None and max(img.size) > max_side:
+                scale = max_side / max(img.size)  # the decoder keeps both sides >= the request
+                img.draft("RGB", (max(1, int(img.width * scale)), max(1, int(img.height * scale))))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            img = _to_rgb(ImageOps.exif_transpose(img))
     except UnreadableImage:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise UnreadableImage(path, f"too many pixels to decode safely ({exc})") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UnreadableImage(path, f"{type(exc).__name__}: {exc}") from exc
+    if max_side is not None and max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return img
 
 
 @dataclass
@@ -133,18 +151,24 @@ def try_load_image(path: str | os.PathLike, report: LoadReport | None = None) ->
 
 @dataclass
 class ScanReport:
-    """What a folder scan ignored: empty class folders and non-image files."""
+    """What a folder scan ignored: empty class folders, non-image files and stray subfolders."""
 
     empty_classes: list[str] = field(default_factory=list)
     non_images: list[str] = field(default_factory=list)
+    subfolders: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return f"{len(self.empty_classes)} empty class folders and {len(self.non_images)} non-image files ignored"
+        counts = [(self.empty_classes, "empty class folders"), (self.non_images, "non-image files"),
+                  (self.subfolders, "subfolders")]
+        parts = [f"{len(found)} {what}" for found, what in counts if found] or ["nothing"]
+        return (", ".join(parts[:-1]) + " and " if len(parts) > 1 else "") + f"{parts[-1]} ignored"
 
     def warn_if_any(self, where: str) -> None:
-        if self.empty_classes or self.non_images:
-            examples = (self.empty_classes + self.non_images)[:3]
-            warnings.warn(f"{where}: {self.summary()} (e.g. {', '.join(examples)})", stacklevel=3)
+        """One warning naming a few ignored entries, attributed to the caller's line in this module:
+        the same message from the same line (a folder scanned twice) shows once."""
+        ignored = self.empty_classes + self.non_images + self.subfolders
+        if ignored:
+            warnings.warn(f"{where}: {self.summary()} (e.g. {', '.join(ignored[:3])})", stacklevel=2)
 
 
 @dataclass
@@ -188,10 +212,13 @@ def scan_train(root: str | os.PathLike) -> TrainIndex:
     _require_dir(train_dir, "train")
     report = ScanReport()
     paths, ids, labels, classes = [], [], [], []
-    for class_dir in sorted(p for p in train_dir.iterdir() if p.is_dir()):
-        files = sorted(f for f in class_dir.iterdir() if f.is_file())
-        images = [f for f in files if is_image_file(f)]
-        report.non_images += [str(f) for f in files if not is_image_file(f)]
+    class_dirs, stray = _sort_entries(train_dir)
+    report.non_images += [str(f) for f in stray]  # files beside the class folders
+    for class_dir in class_dirs:
+        nested, files = _sort_entries(class_dir)
+        images = [f for f in files if _is_image_entry(f)]
+        report.non_images += [str(f) for f in files if not _is_image_entry(f)]
+        report.subfolders += [str(d) for d in nested]
         if not images:
             report.empty_classes.append(str(class_dir))
             continue
@@ -206,16 +233,42 @@ def scan_train(root: str | os.PathLike) -> TrainIndex:
     return TrainIndex(root, paths, ids, labels, classes, report)
 
 
-def _scan_flat(folder: Path, report: ScanReport) -> list[Path]:
+def _sort_entries(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Return (subfolders, other entries) of ``folder``, each sorted by name."""
+    entries = sorted(folder.iterdir())
+    return [e for e in entries if e.is_dir()], [e for e in entries if not e.is_dir()]
+
+
+def _is_image_entry(path: Path) -> bool:
+    """A file (not a broken link, not a folder) with an image extension."""
+    return is_image_file(path) and path.is_file()
+
+
+def _scan_flat(folder: Path, report: ScanReport | None = None, require_images: bool = False) -> list[Path]:
+    """The images of a flat folder, sorted. Ignored entries get one warning naming the folder (the
+    same folder scanned twice warns once) and are added to ``report``.
+
+    Raises ``DataError`` when the folder is missing, when two images share a name (``abc.jpg``
+    and ``abc.png``), or, with ``require_images``, when it holds no image."""
     _require_dir(folder, folder.name)
-    files = sorted(f for f in folder.iterdir() if f.is_file())
-    report.non_images += [str(f) for f in files if not is_image_file(f)]
-    images = [f for f in files if is_image_file(f)]
+    subfolders, files = _sort_entries(folder)
+    images = [f for f in files if _is_image_entry(f)]
+    found = ScanReport(non_images=[str(f) for f in files if not _is_image_entry(f)],
+                       subfolders=[str(d) for d in subfolders])
+    found.warn_if_any(str(folder))
+    if report is not None:
+        report.non_images += found.non_images
+        report.subfolders += found.subfolders
+    if require_images and not images:
+        ignored = [p.name for p in files + subfolders]
+        instead = f" (only {len(ignored)} other entries, e.g. {ignored[:3]})" if ignored else ""
+        raise DataError(f"{folder}: no images{instead}; expected {', '.join(sorted(IMAGE_EXTENSIONS))} files")
     seen: dict[str, Path] = {}
     for f in images:
         name = image_name(f)
         if name in seen:
-            raise DataError(f"{folder}: two images share the name {name!r} ({seen[name].name}, {f.name})")
+            raise DataError(f"{folder}: two images share the name {name!r} ({seen[name].name}, {f.name}); "
+                            "names drop the extension, so rename one")
         seen[name] = f
     return images
 
@@ -239,25 +292,35 @@ class TestIndex:
 
 
 def scan_test(root: str | os.PathLike) -> TestIndex:
-    """Index ``root/test/test_data/{query,reference}``."""
+    """Index ``root/test/test_data/{query,reference}``; ignored entries get one warning per folder.
+
+    Raises ``DataError`` when either folder is missing or holds no image (a submission of
+    zero queries, or with zero references, is never wanted), or two of its images share a name.
+    """
     root = Path(root)
     report = ScanReport()
-    queries = _scan_flat(root / QUERY_DIR, report)
-    references = _scan_flat(root / REFERENCE_DIR, report)
-    report.warn_if_any(str(root / "test" / "test_data"))
+    queries = _scan_flat(root / QUERY_DIR, report, require_images=True)
+    references = _scan_flat(root / REFERENCE_DIR, report, require_images=True)
     return TestIndex(root, queries, references, report)
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Return the image files of a flat folder, sorted (what NSML's infer receives)."""
-    return _scan_flat(Path(folder), ScanReport())
+    """Return the image files of a flat folder, sorted (what NSML's infer receives); possibly none.
+
+    Non-image files and subfolders are skipped with one warning naming a few. Raises
+    ``DataError`` when the folder is missing or two images share a name.
+    """
+    return _scan_flat(Path(folder))
 
 
 def read_labels(root_or_file: str | os.PathLike) -> dict[str, dict[str, str]]:
     """Read ``test/labels.csv`` -> ``{"query": {name: class}, "reference": {name: class}}``.
 
-    Raises ``DataError`` naming the file and line for a malformed file, and
-    ``FileNotFoundError`` when there is no labels file.
+    The header names the columns (split, name and class, in any order; more are
+    allowed) and every row has as many fields as the header; blank lines are
+    skipped. Raises ``DataError`` naming the file and line for a malformed file
+    (wrong field count, unknown split, empty name or class, a name listed twice,
+    not UTF-8 text), and ``FileNotFoundError`` when there is no labels file.
     """
     path = Path(root_or_file)
     if path.is_dir():
@@ -265,20 +328,35 @@ def read_labels(root_or_file: str | os.PathLike) -> dict[str, dict[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no ground-truth labels file")
     out: dict[str, dict[str, str]] = {"query": {}, "reference": {}}
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"split", "name", "class"} - set(reader.fieldnames or [])
-        if missing:
-            raise DataError(f"{path}: missing column(s) {sorted(missing)}; expected split,name,class")
-        for line_no, row in enumerate(reader, start=2):
-            split, name, cls = row["split"], row["name"], row["class"]
-            if split not in out:
-                raise DataError(f"{path}:{line_no}: split must be 'query' or 'reference', got {split!r}")
-            if not name or cls is None or cls == "":
-                raise DataError(f"{path}:{line_no}: empty name or class")
-            if name in out[split]:
-                raise DataError(f"{path}:{line_no}: {split} {name!r} listed twice")
-            out[split][name] = cls
+    expected = ",".join(LABEL_COLUMNS)
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's BOM is not a column
+        reader = csv.reader(fh)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}: empty file; expected the header {expected}")
+            missing = [c for c in LABEL_COLUMNS if c not in header]
+            if missing:
+                raise DataError(f"{path}:1: missing column(s) {missing}; expected the header {expected}")
+            split_col, name_col, class_col = (header.index(c) for c in LABEL_COLUMNS)
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                if not row:  # a blank line
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{where}: {len(row)} fields, the header has {len(header)} ({','.join(header)})")
+                split, name, cls = row[split_col], row[name_col], row[class_col]
+                if split not in out:
+                    raise DataError(f"{where}: split must be 'query' or 'reference', got {split!r}")
+                if not name or not cls:
+                    raise DataError(f"{where}: empty name or class")
+                if name in out[split]:
+                    raise DataError(f"{where}: {split} {name!r} listed twice")
+                out[split][name] = cls
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: not CSV ({exc})") from exc
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     return out
 
 

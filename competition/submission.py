@@ -6,6 +6,13 @@ once, each list ``min(length, n_references)`` distinct, known reference names, b
 first (``length`` 1000 in the hackathon's phase 2, None = every reference in phase 1).
 ``validate_submission`` checks exactly that; ``build_submission`` can only produce
 valid ones.
+
+Files (``write_submission``): ``submission.json`` ``{query: [reference, ...]}`` holds any
+submission; ``submission.csv`` (Kaggle style, ``query,references`` with space-separated
+reference ids, UTF-8, RFC 4180 line ends; read it with ``parse_submission_csv``) is written
+only when every name survives that format: a reference name holding whitespace would split
+into two ids, so such a submission gets the JSON and a warning naming the names, never a CSV
+that reads back differently.
 """
 from __future__ import annotations
 
@@ -13,6 +20,8 @@ import csv
 import io
 import json
 import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -133,19 +142,111 @@ def build_submission(
     return out
 
 
-def write_submission(submission: Submission, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``submission.json`` and a Kaggle-style ``submission.csv`` (query,references) atomically."""
-    out_dir = Path(out_dir)
-    as_dict = {q: refs for _, (q, refs) in submission}
-    json_path, csv_path = out_dir / "submission.json", out_dir / "submission.csv"
-    atomic_write_text(json_path, json.dumps(as_dict) + "\n")
+def _as_dict(submission: Submission) -> dict[str, list[str]]:
+    """NSML's list -> ``{query: [reference, ...]}``; a query listed twice is a ``SubmissionError``."""
+    out: dict[str, list[str]] = {}
+    for entry in submission:
+        query, ranked = _unpack(entry)
+        if query in out:
+            raise SubmissionError(f"query {query!r} listed twice: a submission file holds each query once")
+        out[query] = list(ranked)
+    return out
+
+
+def _utf8(name) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, from a file name that was not UTF-8
+        return False
+    return True
+
+
+def csv_unsafe_names(submission: dict[str, list[str]]) -> list[str]:
+    """Return the names (sorted, distinct) that ``submission.csv`` cannot carry: reference names
+    that are not one whitespace-free token (empty, or holding a space, tab, newline, non-breaking
+    space, ...), and any name that is not a UTF-8-encodable string."""
+    bad = {q for q in submission if not (isinstance(q, str) and _utf8(q))}
+    bad |= {r for ranked in submission.values() for r in ranked
+            if not (isinstance(r, str) and r.split() == [r] and _utf8(r))}
+    return sorted(bad, key=repr)
+
+
+def _csv_text(submission: dict[str, list[str]]) -> str:
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    writer = csv.writer(buf, lineterminator="\r\n")  # RFC 4180: a name holding \r or \n gets quoted
     writer.writerow(["query", "references"])
-    for q, refs in as_dict.items():
-        writer.writerow([q, " ".join(refs)])
-    atomic_write_text(csv_path, buf.getvalue())
-    return json_path, csv_path
+    for query, ranked in submission.items():
+        writer.writerow([query, " ".join(ranked)])
+    return buf.getvalue()
+
+
+def parse_submission_csv(text: str) -> dict[str, list[str]]:
+    """Read ``submission.csv``'s text (open it with ``newline=""``, UTF-8) -> ``{query: [reference, ...]}``."""
+    rows = csv.reader(io.StringIO(text, newline=""))
+    header = next(rows, None)
+    if header != ["query", "references"]:
+        raise SubmissionError(f"not a submission CSV: header {header!r}, expected ['query', 'references']")
+    return {query: refs.split() for query, refs in rows}
+
+
+def write_submission(submission: Submission, out_dir: str | os.PathLike) -> tuple[Path, Path | None]:
+    """Write ``submission.json`` and, when its names allow, ``submission.csv`` into ``out_dir``
+    atomically; return (json path, csv path or None).
+
+    The CSV is skipped, with a warning naming the offending names (``csv_unsafe_names``), when it
+    could not read back to exactly ``submission``; a ``submission.csv`` left by an earlier run is
+    then removed. Raises ``SubmissionError`` (nothing written) for a query listed twice or a
+    submission JSON cannot hold (names that are not strings).
+    """
+    out_dir = Path(out_dir)
+    as_dict = _as_dict(submission)
+    json_path, csv_path = out_dir / "submission.json", out_dir / "submission.csv"
+    json_text = json.dumps(as_dict) + "\n"
+    if json.loads(json_text) != as_dict:
+        bad = [q for q in as_dict if not isinstance(q, str)]
+        raise SubmissionError(f"query names must be strings, got {bad[:3]}")
+    atomic_write_text(json_path, json_text)
+    unsafe = csv_unsafe_names(as_dict)
+    if not unsafe:
+        csv_text = _csv_text(as_dict)
+        parsed = parse_submission_csv(csv_text)  # the rule above should make this a formality
+        if parsed == as_dict:
+            atomic_write_text(csv_path, csv_text)
+            return json_path, csv_path
+        unsafe = [q for q in as_dict if parsed.get(q) != as_dict[q]]
+    csv_path.unlink(missing_ok=True)
+    warnings.warn(f"{csv_path} not written: {len(unsafe)} names would not read back from space-separated "
+                  f"reference ids ({', '.join(map(repr, unsafe[:5]))}); {json_path} holds the submission",
+                  stacklevel=2)
+    return json_path, None
+
+
+@dataclass
+class LabelCoverage:
+    """Which queries of a test set are scored, and which names the ground truth lacks."""
+
+    labelled_queries: list[str]        # scored, in the order given
+    unlabelled_queries: list[str]      # left out of the scores
+    unlabelled_references: list[str]  # ranked, but never relevant
+
+    def summary(self) -> str:
+        """One line for people, e.g. 'scored over 8 labelled queries; 2 queries without a label ...'."""
+        text = f"scored over {len(self.labelled_queries)} labelled queries"
+        if self.unlabelled_queries:
+            text += (f"; {len(self.unlabelled_queries)} queries without a label not scored "
+                     f"(e.g. {', '.join(map(repr, self.unlabelled_queries[:3]))})")
+        if self.unlabelled_references:
+            text += (f"; {len(self.unlabelled_references)} references without a label count as never relevant "
+                     f"(e.g. {', '.join(map(repr, self.unlabelled_references[:3]))})")
+        return text
+
+
+def label_coverage(labels: dict[str, dict[str, str]], query_names: Sequence[str],
+                   reference_names: Sequence[str]) -> LabelCoverage:
+    """Split the test set by ``labels`` (``competition.data.read_labels``'s dict)."""
+    return LabelCoverage([q for q in query_names if q in labels["query"]],
+                         [q for q in query_names if q not in labels["query"]],
+                         [r for r in reference_names if r not in labels["reference"]])
 
 
 def score_submission(
@@ -156,11 +257,22 @@ def score_submission(
     k: int = 1000,
 ) -> dict[str, float]:
     """Score a validated submission (``validate_submission``'s ``{query: [references]}``) as a
-    leaderboard would: ``{"map_at_k", "map", "recall_at_1", "recall_at_5", "recall_at_10"}``.
-
-    ``labels`` is ``competition.data.read_labels(...)``.
+    leaderboard would, over the queries of ``query_names`` that ``labels``
+    (``competition.data.read_labels``) labels; a reference without a label is never relevant
+    (``label_coverage`` names both). Returns ``{"map_at_k", "map", "recall_at_1", "recall_at_5",
+    "recall_at_10", "n_query": queries scored, "n_query_unlabelled", "n_reference_unlabelled"}``.
+    Raises ``SubmissionError`` when no query has a label.
     """
-    rankings = rankings_from_names(submission, query_names, reference_names)
-    q_labels = [labels["query"][q] for q in query_names]
-    r_labels = [labels["reference"][r] for r in reference_names]
-    return retrieval_scores(rankings, q_labels, r_labels, k=k, recall_at=(1, 5, 10), with_map=True)
+    coverage = label_coverage(labels, query_names, reference_names)
+    if not coverage.labelled_queries:
+        raise SubmissionError(f"none of the {len(query_names)} queries has a label "
+                              f"(e.g. {list(query_names)[:3]}): nothing to score")
+    rankings = rankings_from_names(submission, coverage.labelled_queries, reference_names)
+    classes = {c: i for i, c in enumerate(sorted(set(labels["query"].values()) | set(labels["reference"].values())))}
+    no_class = len(classes)  # what an unlabelled reference gets: no query has it
+    q_codes = [classes[labels["query"][q]] for q in coverage.labelled_queries]
+    r_codes = [classes[labels["reference"][r]] if r in labels["reference"] else no_class for r in reference_names]
+    scores = retrieval_scores(rankings, q_codes, r_codes, k=k, recall_at=(1, 5, 10), with_map=True)
+    return {**scores, "n_query": len(coverage.labelled_queries),
+            "n_query_unlabelled": len(coverage.unlabelled_queries),
+            "n_reference_unlabelled": len(coverage.unlabelled_references)}

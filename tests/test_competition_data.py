@@ -137,3 +137,123 @@ def test_missing_layout_and_bad_labels_are_named(tmp_path):
     (tmp_path / "test" / "labels.csv").write_text("split,name,class\nquery,a,1\nbogus,b,2\n")
     with pytest.raises(DataError, match="labels.csv:3"):
         read_labels(tmp_path)
+
+
+def _halves_jpeg(path, w, h, exif=None):
+    """A JPEG whose left half is red and right half blue."""
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[:, : w // 2] = (220, 20, 20)
+    arr[:, w // 2:] = (20, 20, 220)
+    img = Image.fromarray(arr)
+    img.save(path, "JPEG", quality=90, **({"exif": exif} if exif else {}))
+    return img
+
+
+def test_max_side_decodes_a_large_jpeg_at_reduced_scale(tmp_path, monkeypatch):
+    from PIL.JpegImagePlugin import JpegImageFile
+    path = tmp_path / "big.jpg"
+    _halves_jpeg(path, 4000, 2000)
+    decoded = []
+    draft = JpegImageFile.draft
+
+    def spy(self, mode, size):
+        out = draft(self, mode, size)
+        decoded.append(self.size)  # the size the decoder will produce
+        return out
+
+    monkeypatch.setattr(JpegImageFile, "draft", spy)
+    img = load_image(path, max_side=400)
+    assert decoded and max(decoded[0]) <= 2 * 400  # the decoder itself scaled down (1/8 here)
+    assert img.mode == "RGB" and img.size == (400, 200)
+    arr = np.asarray(img).astype(int)
+    assert np.abs(arr[:, :180] - (220, 20, 20)).max() < 30
+    assert np.abs(arr[:, 220:] - (20, 20, 220)).max() < 30
+    assert load_image(path).size == (4000, 2000)  # None: full size
+
+
+def test_max_side_keeps_exif_orientation_and_shrinks_other_formats(tmp_path):
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 6  # rotate 90 CW on display: the red left half ends on top
+    _halves_jpeg(tmp_path / "o.jpg", 1600, 800, exif=exif.tobytes())
+    img = load_image(tmp_path / "o.jpg", max_side=100)
+    assert img.size == (50, 100)
+    arr = np.asarray(img).astype(int)
+    assert np.abs(arr[:40] - (220, 20, 20)).max() < 40 and np.abs(arr[60:] - (20, 20, 220)).max() < 40
+    Image.fromarray(_rgb_array(w=300, h=120)).save(tmp_path / "p.png")  # no draft for PNG: resized after
+    assert load_image(tmp_path / "p.png", max_side=60).size == (60, 24)
+    assert load_image(tmp_path / "p.png", max_side=1000).size == (300, 120)  # never enlarged
+
+
+def test_decompression_bomb_is_unreadable_with_a_clear_reason(tmp_path, monkeypatch):
+    Image.fromarray(_rgb_array(w=100, h=100)).save(tmp_path / "bomb.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10000 pixels > 2 x the limit
+    for max_side in (None, 8):  # the pixel check comes before any draft decoding
+        with pytest.raises(UnreadableImage, match="bomb.jpg.*too many pixels to decode safely"):
+            load_image(tmp_path / "bomb.jpg", max_side=max_side)
+
+
+def _flat(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        Image.fromarray(_rgb_array()).save(folder / n)
+    return folder
+
+
+def test_flat_folders_report_non_images_and_subfolders(tmp_path):
+    from competition.data import list_images
+    query = _flat(tmp_path / "test" / "test_data" / "query", ["b.jpg", "a.png"])
+    (query / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (query / "thumbs").mkdir()
+    with pytest.warns(UserWarning, match=r"query: 1 non-image files and 1 subfolders ignored .*\.DS_Store.*thumbs"):
+        assert [p.name for p in list_images(query)] == ["a.png", "b.jpg"]
+    reference = _flat(tmp_path / "test" / "test_data" / "reference", ["r.jpg"])
+    (reference / "nested").mkdir()
+    with pytest.warns(UserWarning) as caught:
+        index = scan_test(tmp_path)
+    assert [str(w.message).split(": ")[0] for w in caught] == [str(query), str(reference)]  # one per folder
+    assert "reference: 1 subfolders ignored" in str(caught[1].message)
+    assert index.query_names == ["a", "b"] and index.reference_names == ["r"]
+    nested = _flat(tmp_path / "train" / "train_data" / "c1" / "more", ["x.jpg"]).parent
+    _flat(nested, ["s.jpg"])
+    with pytest.warns(UserWarning, match=r"1 subfolders ignored \(e\.g\. .*c1/more\)"):
+        assert scan_train(tmp_path).ids == ["c1/s.jpg"]
+
+
+def test_a_folder_without_images_or_with_colliding_names_is_refused(tmp_path):
+    from competition.cli import UserError
+    from competition.data import list_images
+    query = tmp_path / "test" / "test_data" / "query"
+    query.mkdir(parents=True)
+    _flat(tmp_path / "test" / "test_data" / "reference", ["r.jpg"])
+    with pytest.raises(DataError, match=r"query: no images"):
+        scan_test(tmp_path)
+    (query / ".DS_Store").write_bytes(b"x")
+    with pytest.warns(UserWarning, match="DS_Store"), \
+            pytest.raises(DataError, match=r"query: no images \(only 1 other entries, e\.g\. \['\.DS_Store'\]\)"):
+        scan_test(tmp_path)
+    with pytest.warns(UserWarning, match="DS_Store"):
+        assert list_images(query) == []  # a plain listing may be empty: its caller decides
+    (query / ".DS_Store").unlink()
+    _flat(query, ["abc.jpg", "abc.png"])
+    with pytest.raises(UserError, match=r"query: two images share the name 'abc' \(abc\.jpg, abc\.png\); .*rename"):
+        list_images(query)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("split,name,class\nquery,a,1\nquery,b,2,extra,more\n", r"labels\.csv:3: 5 fields, the header has 3"),
+    ("split,name,class\nquery,a\n", r"labels\.csv:2: 2 fields, the header has 3"),
+    ("", r"labels\.csv: empty file; expected the header split,name,class"),
+    (b"split,name,class\nquery,caf\xe9,1\n", r"labels\.csv: not UTF-8 text"),
+])
+def test_malformed_labels_are_named_with_their_line(tmp_path, text, match):
+    (tmp_path / "test").mkdir()
+    path = tmp_path / "test" / "labels.csv"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(DataError, match=match):
+        read_labels(tmp_path)
+
+
+def test_labels_accept_a_bom_blank_lines_any_column_order_and_extra_columns(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes("\ufeffname,note,class,split\r\na b,,x,query\r\n\r\n\"c,d\",hi,y,reference\r\n".encode())
+    assert read_labels(path) == {"query": {"a b": "x"}, "reference": {"c,d": "y"}}

@@ -1,5 +1,6 @@
 """The submission rules: validation, building, writing, local scoring; the NSML stand-in."""
 import csv
+import re
 import json
 
 import numpy as np
@@ -87,3 +88,85 @@ def test_validator_names_the_query(sub, match):
 def test_validator_rejects_malformed_entries():
     with pytest.raises(SubmissionError, match="not \\(i, \\(query_name"):
         validate_submission([("q1", ["r1"])], Q12, R123)
+
+
+AWKWARD_QUERIES = ["plain", "with space", "c,omma", 'quo"te', "ünï©ødé-🦊", "tab\there", "new\nline", "cr\rhere",
+                   " lead", "trail ", "nbsp\u00a0x", "query", ""]
+SAFE_REFS = ["r0", "c,omma", 'quo"te', "'single'", "ünï©ødé", "semi;colon", "r.dots.jpg"]
+
+
+def _read_back(json_path, csv_path):
+    with open(json_path, encoding="utf-8") as fh:
+        from_json = json.load(fh)
+    from_csv = None
+    if csv_path is not None:
+        with open(csv_path, newline="", encoding="utf-8") as fh:
+            from_csv = {row["query"]: row["references"].split() for row in csv.DictReader(fh)}
+    return from_json, from_csv
+
+
+def test_awkward_query_names_round_trip_through_both_files(tmp_path):
+    rng = np.random.default_rng(0)
+    sub = [(i, (q, [SAFE_REFS[j] for j in rng.permutation(len(SAFE_REFS))[:5]])) for i, q in enumerate(AWKWARD_QUERIES)]
+    json_path, csv_path = write_submission(sub, tmp_path)
+    submitted = {q: refs for _, (q, refs) in sub}
+    from_json, from_csv = _read_back(json_path, csv_path)
+    assert from_json == submitted and from_csv == submitted
+    assert list(from_csv) == AWKWARD_QUERIES  # order kept too
+    from competition.submission import parse_submission_csv
+    assert parse_submission_csv(csv_path.read_bytes().decode("utf-8")) == submitted
+
+
+@pytest.mark.parametrize("bad_ref", ["r-with space", "tab\tref", "nl\nref", "nbsp\u00a0ref", "", "sur\udc80rogate"])
+def test_reference_names_the_csv_cannot_carry_get_the_json_and_a_warning(tmp_path, bad_ref):
+    (tmp_path / "submission.csv").write_text("query,references\nold,stale\n")  # an earlier run's file
+    sub = [(0, ("q0", ["r0", bad_ref, "r1"])), (1, ("q1", ["r1", "r0", bad_ref]))]
+    with pytest.warns(UserWarning, match=r"submission\.csv not written: 1 names .*" + re.escape(repr(bad_ref))):
+        json_path, csv_path = write_submission(sub, tmp_path)
+    assert csv_path is None and not (tmp_path / "submission.csv").exists()
+    from_json, _ = _read_back(json_path, None)
+    assert from_json == {"q0": ["r0", bad_ref, "r1"], "q1": ["r1", "r0", bad_ref]}
+
+
+def test_a_query_listed_twice_is_refused_before_writing(tmp_path):
+    with pytest.raises(SubmissionError, match="'qa' listed twice"):
+        write_submission([(0, ("qa", ["r0"])), (1, ("qa", ["r1"]))], tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def _slow_scores(sub, labels, queries, refs, k=1000):
+    """AP@k and Recall@1 by hand over the labelled queries; unlabelled references never relevant."""
+    aps, hits1 = [], []
+    for q in queries:
+        if q not in labels["query"]:
+            continue
+        cls = labels["query"][q]
+        relevant = [r for r in refs if labels["reference"].get(r) == cls]
+        found, total = 0, 0.0
+        for i, r in enumerate(sub[q][:k], start=1):
+            if labels["reference"].get(r) == cls:
+                found += 1
+                total += found / i
+        aps.append(total / min(len(relevant), k) if relevant else 0.0)
+        hits1.append(labels["reference"].get(sub[q][0]) == cls)
+    return sum(aps) / len(aps), sum(hits1) / len(hits1)
+
+
+def test_only_labelled_queries_are_scored_and_unlabelled_references_never_count():
+    from competition.submission import label_coverage
+    queries, refs = ["qa", "qb", "qc", "qd"], ["r0", "r1", "r2", "r3", "r4", "r5"]
+    labels = {"query": {"qa": "x", "qb": "y", "qd": "none"},
+              "reference": {"r0": "x", "r1": "y", "r2": "x", "r4": "y"}}  # qc, r3, r5 unlabelled
+    rng = np.random.default_rng(1)
+    sub = {q: [refs[j] for j in rng.permutation(len(refs))] for q in queries}
+    sub["qb"] = ["r3", "r5", "r1", "r0", "r4", "r2"]  # unlabelled references first: no hits
+    scores = score_submission(sub, labels, query_names=queries, reference_names=refs)
+    map_k, recall_1 = _slow_scores(sub, labels, queries, refs)
+    assert scores["map_at_k"] == pytest.approx(map_k) and scores["recall_at_1"] == pytest.approx(recall_1)
+    assert (scores["n_query"], scores["n_query_unlabelled"], scores["n_reference_unlabelled"]) == (3, 1, 2)
+    coverage = label_coverage(labels, queries, refs)
+    assert coverage.unlabelled_queries == ["qc"] and coverage.unlabelled_references == ["r3", "r5"]
+    assert "1 queries without a label not scored (e.g. 'qc')" in coverage.summary()
+    assert "2 references without a label count as never relevant" in coverage.summary()
+    with pytest.raises(SubmissionError, match="none of the 4 queries has a label"):
+        score_submission(sub, {"query": {}, "reference": labels["reference"]}, queries, refs)
