@@ -4,7 +4,8 @@
     /path/to/folder             a timm model repo on disk (config.json + model.safetensors, as
                                 `hf download ORG/NAME --local-dir DIR` writes it)
     timm                        the weights timm's registry names for --arch (a tag picks them:
-                                convnext_tiny.fb_in22k; no tag: timm's default weights for the model)
+                                convnext_tiny.fb_in22k; no tag: timm's default weights for the model;
+                                a local file named timm is ./timm)
     hf-hub:ORG/NAME[@REV]       a timm model repo on the Hugging Face hub (config.json + model.safetensors)
 
 Fetching goes through huggingface_hub and its cache, as the environment says when asked (HF_HUB_CACHE,
