@@ -58,9 +58,14 @@ class TrainConfig:
                              "data", 0.1, 1.0)
     workers: int = option(2, "DataLoader worker processes", "data", 0, 256)
     # model
-    arch: str = option("efficientnet", "a timm model name, or a family: efficientnet, resnet, convnext, regnet, "
-                       "mobilenet, ...", "model", metavar="NAME")
-    pretrained: str | None = option(None, "initial body weights: a local .safetensors/.pth file (default: random "
+    arch: str = option("efficientnet", "a timm model name (a tag such as convnext_tiny.fb_in22k picks the weights "
+                       "--pretrained timm fetches), or a family: efficientnet, efficientnet-lite, resnet, convnext, "
+                       "regnet, mobilenet, ... (a family takes the member its --pretrained weights are for)",
+                       "model", metavar="NAME")
+    pretrained: str | None = option(None, "initial body weights, never fetched unless asked: a local .safetensors/"
+                                    ".pth file or timm repo folder; timm (timm's weights for --arch); or "
+                                    "hf-hub:ORG/NAME (a timm model repo). Fetched ones go through the Hugging Face "
+                                    "cache; offline: fill HF_HOME elsewhere, then HF_HUB_OFFLINE=1 (default: random "
                                     "initialisation)", "model", metavar="SOURCE")
     embedding_dim: int = option(512, "descriptor dimension (the neck's output)", "model", 2, 65536)
     freeze_bn: bool = option(False, "keep the body's BatchNorm statistics (small batches, fused pretrained "

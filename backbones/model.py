@@ -2,15 +2,17 @@
 
     body (timm feature map, B x C x H x W) -> GeM (learnable p) -> Linear -> BatchNorm1d -> L2 norm
 
-``resolve_arch`` maps short family names (``efficientnet``, ``resnet``, ...) to timm
-names; ``load_pretrained`` reads a local safetensors / .pth file into the body.
-Nothing is ever downloaded: bodies are always created with ``pretrained=False``.
+``resolve_arch`` maps short family names (``efficientnet``, ``efficientnet-lite``, ``resnet``, ...) to
+timm names; ``build_model`` creates the net and loads ``--pretrained`` weights (a local file, ``timm``
+or ``hf-hub:ORG/NAME``: see ``backbones.pretrained``) into the body with ``load_pretrained``, which
+checks that they fit. Bodies are created with ``pretrained=False``: nothing is fetched unless asked.
 """
 from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import timm
@@ -18,11 +20,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from backbones.pretrained import PretrainedMismatch, PretrainedUnavailable, Weights, find_weights
 from competition.cli import UserError
 
-# Short family names -> a representative timm model. Full timm names pass through.
+__all__ = ["ARCH_ALIASES", "ArchError", "GeM", "ModelSpec", "PretrainedMismatch", "PretrainedUnavailable",
+           "RetrievalNet", "build_model", "load_pretrained", "model_from_spec", "resolve_arch"]
+
+# Short family names -> a representative timm model ("-" reads as "_"). Full timm names pass through;
+# a family name also accepts weights that name another member of the family (see ``build_model``).
 ARCH_ALIASES: dict[str, str] = {
     "efficientnet": "efficientnet_b0",
+    "efficientnet_lite": "tf_efficientnet_lite0",
     "efficientnetv2": "efficientnetv2_rw_s",
     "resnet": "resnet50",
     "resnext": "resnext50_32x4d",
@@ -41,23 +49,32 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class PretrainedMismatch(UserError, ValueError):
-    """A --pretrained file that does not fit the chosen architecture."""
-
-
 class ArchError(UserError, ValueError):
     """An --arch that is neither a family name nor a timm model."""
 
 
-def resolve_arch(name: str) -> str:
-    """Return the timm model name for ``name`` (an alias or a timm name).
+def _family(name: str) -> str | None:
+    """The ARCH_ALIASES key ``name`` spells (case and "-" ignored), or None for any other name."""
+    key = name.strip().lower().replace("-", "_")
+    return key if key in ARCH_ALIASES else None
 
-    Raises ValueError listing close timm names when ``name`` is unknown.
+
+def resolve_arch(name: str) -> str:
+    """Return the timm model name for ``name`` (an alias, or a timm name with an optional pretrained tag).
+
+    Raises ArchError listing close timm names when ``name`` is unknown, or timm's tags for a wrong tag.
     """
     key = name.strip()
-    if key.lower() in ARCH_ALIASES:
-        return ARCH_ALIASES[key.lower()]
+    if _family(key):
+        return ARCH_ALIASES[_family(key)]
     if timm.is_model(key):
+        base, tag = timm.models.split_model_name_tag(key)
+        try:
+            timm.get_pretrained_cfg(key)
+        except RuntimeError:
+            tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{base}.*")]
+            raise ArchError(f"unknown architecture {name!r}: timm has no pretrained tag {tag!r} for {base}; "
+                            f"its tags: {', '.join(tags) or 'none'}") from None
         return key
     close = timm.list_models(f"*{key.lower()}*")
     if not close:
@@ -88,8 +105,9 @@ class ModelSpec:
     arch: str                      # resolved timm name
     embedding_dim: int = 512
     gem_p: float = 3.0
-    mean: tuple[float, float, float] = IMAGENET_MEAN
+    mean: tuple[float, float, float] = IMAGENET_MEAN   # the normalisation of the initial weights
     std: tuple[float, float, float] = IMAGENET_STD
+    model_args: dict = field(default_factory=dict)     # extra timm.create_model arguments (hub configs)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -103,7 +121,8 @@ class RetrievalNet(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
-        self.body = timm.create_model(spec.arch, pretrained=False, num_classes=0, global_pool="")
+        self.body = timm.create_model(spec.arch, pretrained=False, **{**spec.model_args, "num_classes": 0,
+                                                                      "global_pool": ""})
         self.in_features = int(self.body.num_features)
         self.gem = GeM(spec.gem_p)
         self.fc = nn.Linear(self.in_features, spec.embedding_dim, bias=False)
@@ -130,10 +149,10 @@ class RetrievalNet(nn.Module):
         return body, [p for p in self.parameters() if id(p) not in ids]
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors or torch (.pth/.pt) state dict; unwrap common containers."""
+def _read_state_dict(path: Path, label: str) -> dict[str, torch.Tensor]:
+    """Read a safetensors or torch (.pth/.pt/.bin) state dict; unwrap common containers."""
     if not path.is_file():
-        raise FileNotFoundError(f"--pretrained {path}: no such file")
+        raise PretrainedUnavailable(f"--pretrained {label}: no such file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -141,26 +160,28 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader error means "not a weights file"
-        raise PretrainedMismatch(f"--pretrained {path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
+        raise PretrainedMismatch(f"--pretrained {label}: cannot read weights ({type(exc).__name__}: {exc})") from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise PretrainedMismatch(f"--pretrained {path}: not a state dict of tensors")
+        raise PretrainedMismatch(f"--pretrained {label}: not a state dict of tensors")
     for prefix in ("module.", "body."):
         if sd and all(k.startswith(prefix) for k in sd if not k.startswith(("gem.", "fc.", "bn."))):
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     return sd
 
 
-def load_pretrained(model: RetrievalNet, path: str | os.PathLike) -> str:
-    """Load local weights into ``model.body``; classifier keys are dropped.
+def load_pretrained(model: RetrievalNet, path: str | os.PathLike, label: str | None = None) -> str:
+    """Load a local weights file into ``model.body``; classifier keys are dropped.
 
-    Returns a one-line report (tensors loaded, missing/unexpected counts).
-    Raises PretrainedMismatch naming the file when shapes disagree or too little matches.
+    ``label`` names the weights in messages (default: the path). Returns a one-line report (tensors
+    loaded, missing/unexpected counts). Raises PretrainedMismatch naming them when shapes disagree or
+    too little matches.
     """
     path = Path(path)
-    sd = _read_state_dict(path)
+    label = label or str(path)
+    sd = _read_state_dict(path, label)
     clf = model.body.pretrained_cfg.get("classifier", "classifier")
     clf_prefixes = tuple({f"{c}." for c in ([clf] if isinstance(clf, str) else list(clf))} | {"classifier."})
     dropped = [k for k in sd if k.startswith(clf_prefixes)]
@@ -176,27 +197,92 @@ def load_pretrained(model: RetrievalNet, path: str | os.PathLike) -> str:
         detail = (f"{len(bad_shapes)} shape mismatches (e.g. {bad_shapes[:2]}), " if bad_shapes else "") + \
             f"{len(matched)} of {len(own)} tensors match, {len(missing)} missing (e.g. {missing[:3]}), " \
             f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        raise PretrainedMismatch(f"--pretrained {path} does not fit {arch}: {detail}")
+        raise PretrainedMismatch(f"--pretrained {label} does not fit {arch}: {detail}")
     model.body.load_state_dict({k: sd[k] for k in matched}, strict=False)
-    return (f"loaded {len(matched)} tensors from {path} into {arch} body "
+    return (f"loaded {len(matched)} tensors from {label} into {arch} body "
             f"({len(missing)} missing, {len(unexpected)} unexpected, {len(dropped)} classifier keys dropped)")
 
 
 def build_model(arch: str, embedding_dim: int = 512, pretrained: str | os.PathLike | None = None,
                 gem_p: float = 3.0, announce: bool = True) -> RetrievalNet:
-    """Create a RetrievalNet for ``arch`` (alias or timm name), optionally loading local weights."""
+    """Create a RetrievalNet for ``arch`` (family or timm name, tag allowed), its body from ``pretrained``.
+
+    ``pretrained``: None (random weights), a local file, ``"timm"`` or ``"hf-hub:ORG/NAME"`` (see
+    ``backbones.pretrained``); the spec's mean/std are those of the weights loaded. A family name
+    (``efficientnet``) takes the member the weights declare or are named after. With ``announce``,
+    prints one line saying what was loaded (and warns on stderr when a tagged ``arch`` gets no weights).
+    Raises ArchError, PretrainedUnavailable or PretrainedMismatch.
+    """
     name = resolve_arch(arch)
-    probe_cfg = timm.get_pretrained_cfg(name)
-    mean = tuple(getattr(probe_cfg, "mean", IMAGENET_MEAN) or IMAGENET_MEAN) if probe_cfg else IMAGENET_MEAN
-    std = tuple(getattr(probe_cfg, "std", IMAGENET_STD) or IMAGENET_STD) if probe_cfg else IMAGENET_STD
-    model = RetrievalNet(ModelSpec(arch=name, embedding_dim=embedding_dim, gem_p=gem_p, mean=mean, std=std))
     if pretrained:
-        msg = load_pretrained(model, pretrained)
+        model, msg = _model_with_weights(arch, name, find_weights(pretrained, name), embedding_dim, gem_p)
     else:
+        model = _new_model(name, embedding_dim, gem_p)
         msg = f"no --pretrained weights: training {name} from random initialisation"
+        tag = timm.models.split_model_name_tag(name)[1]
+        if tag and announce:
+            print(f"warning: --arch {arch} names timm's {tag} weights, but without --pretrained {name} trains from "
+                  f"random weights; add --pretrained timm to start from them", file=sys.stderr, flush=True)
     if announce:
         print(msg, flush=True)
     return model
+
+
+def _new_model(name: str, embedding_dim: int, gem_p: float, weights: Weights | None = None) -> RetrievalNet:
+    """An untrained RetrievalNet; mean/std from the weights' config, else timm's config for ``name``."""
+    cfg = timm.get_pretrained_cfg(name)
+    mean = (weights and weights.mean) or (cfg and cfg.mean) or IMAGENET_MEAN
+    std = (weights and weights.std) or (cfg and cfg.std) or IMAGENET_STD
+    return RetrievalNet(ModelSpec(arch=name, embedding_dim=embedding_dim, gem_p=gem_p, mean=tuple(mean),
+                                  std=tuple(std), model_args=dict(weights.model_args) if weights else {}))
+
+
+def _model_with_weights(arch: str, name: str, weights: Weights, embedding_dim: int,
+                        gem_p: float) -> tuple[RetrievalNet, str]:
+    """Return (a RetrievalNet with ``weights`` in its body, the report line).
+
+    Weights that declare their model (hub, timm) must be of ``name``'s model, or of its family when
+    ``arch`` is a family name; a local file that does not fit but is named after a family member
+    (``tf_efficientnet_lite0.safetensors`` for ``efficientnet``) goes into that member.
+    """
+    declared = weights.arch or _model_named_by(weights.path)
+    member = declared if declared and _family(arch) and _family(arch) in declared.lower() else None
+    if weights.arch:
+        if _untagged(weights.arch) != _untagged(name) and member is None:
+            raise PretrainedMismatch(f"--pretrained {weights.label} holds {weights.arch} weights, not {name} "
+                                     f"(--arch {arch}): use --arch {weights.arch}")
+        name = weights.arch
+    model = _new_model(name, embedding_dim, gem_p, weights)
+    try:
+        return model, load_pretrained(model, weights.path, weights.label)
+    except PretrainedMismatch as exc:
+        if weights.arch or declared is None or _untagged(declared) == _untagged(name):
+            raise
+        if member is None:
+            raise PretrainedMismatch(f"{exc}; the file's name says {declared}: try --arch {declared}") from None
+        model = _new_model(member, embedding_dim, gem_p, weights)
+        try:
+            msg = load_pretrained(model, weights.path, weights.label)
+        except PretrainedMismatch:
+            raise exc from None
+        return model, f"{msg} (--arch {arch} is a family: {member} is the member the file is named after)"
+
+
+def _untagged(name: str) -> str:
+    return timm.models.split_model_name_tag(name)[0]
+
+
+def _model_named_by(path: Path) -> str | None:
+    """The timm model (tag allowed) a weights file is named after (``resnet10t.c3_in1k.pth``), or None."""
+    stem = path.name
+    while Path(stem).suffix.lower() in (".safetensors", ".pth", ".pt", ".bin", ".tar", ".ckpt"):
+        stem = Path(stem).stem
+    if _family(stem) or not timm.is_model(stem):
+        return None
+    try:
+        return resolve_arch(stem)
+    except ArchError:
+        return None
 
 
 def model_from_spec(spec: dict) -> RetrievalNet:
@@ -204,4 +290,5 @@ def model_from_spec(spec: dict) -> RetrievalNet:
     return RetrievalNet(ModelSpec(arch=spec["arch"], embedding_dim=int(spec["embedding_dim"]),
                                   gem_p=float(spec.get("gem_p", 3.0)),
                                   mean=tuple(spec.get("mean", IMAGENET_MEAN)),
-                                  std=tuple(spec.get("std", IMAGENET_STD))))
+                                  std=tuple(spec.get("std", IMAGENET_STD)),
+                                  model_args=dict(spec.get("model_args") or {})))

@@ -95,15 +95,3 @@ def test_pk_sampler_is_balanced_seeded_resumable_and_shards():
     a, b = list(s0), list(s1)
     assert len(a) == len(b) == 2 and not any(x in b for x in a)
     assert sorted(map(tuple, a + b)) == sorted(map(tuple, batches[:4]))
-
-
-def test_shared_imagenet_mobilenetv2_weights_load():
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / ".." / "shared" / "pretrained" / "mobilenetv2_100.safetensors"
-    if not path.is_file():
-        pytest.skip("shared pretrained weights not on this machine")
-    model = build_model("mobilenetv2", embedding_dim=8, pretrained=path, announce=False)
-    assert model.spec.arch == "mobilenetv2_100"
-    from safetensors.torch import load_file
-    ref = load_file(str(path))["conv_stem.weight"]
-    assert torch.equal(model.body.conv_stem.weight, ref)
