@@ -11,9 +11,26 @@
     BUNDLE/descriptors/<folder>.safetensors   float16 query/reference/train rows per member
     BUNDLE/members/<folder>/...        weights + config (run), or descriptor files (file)
 
-Saving writes BUNDLE.tmp-XXXX and renames it into place (an existing bundle is
-swapped out by rename and then deleted). Loading verifies every sha256 and raises
-``BundleError`` naming each corrupt or missing file.
+A sealed box: ``load`` trusts nothing in it. Manifest keys are relative POSIX paths inside
+the bundle (no absolute path, no ``.``/``..``/empty segment, no backslash, colon or control
+character); every regular file is listed and its sha256 matches; the bundle holds no link
+and no special file; member folders are plain names; the listed files are those of the
+format above; every array file (.safetensors, .npy) parses, so a pickle is refused, never
+run. Any breach is a ``BundleError`` naming the bundle and each offending file. Loading
+reads nothing outside BUNDLE; saving writes only BUNDLE and its siblings BUNDLE.tmp-X and
+BUNDLE.old-X (the file-system side lives in ``ensemble.sealed``).
+
+Saving, under an advisory lock (flock) on the parent folder that ``load`` takes too:
+  1. write BUNDLE.tmp-X, every file fsynced, the manifest last (so a tmp that verifies
+     is complete);
+  2. rename BUNDLE to BUNDLE.old-X (when there is one);  3. rename BUNDLE.tmp-X to BUNDLE;
+  4. delete BUNDLE.old-X.
+Recovery rule, applied by every ``load`` and ``save`` first (under the lock, leftover
+BUNDLE.tmp-*/.old-* siblings are a killed save's): when BUNDLE is missing (killed between
+2 and 3), the newest complete tmp, else the newest old that verifies, is renamed to
+BUNDLE; every other leftover is deleted. A ``BundleRecoveryWarning`` names what moved or
+went. So at every instant BUNDLE holds the old or the new bundle, or the next load or
+save puts one back.
 """
 from __future__ import annotations
 
@@ -21,7 +38,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -29,6 +45,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from competition.cli import UserError
@@ -38,15 +55,21 @@ from ensemble.combine import l2_normalize
 from ensemble.members import Member, member_from_spec
 from ensemble.model import Ensemble
 from ensemble.postprocess import PostProcessing, fit_whitening_for
+from ensemble.sealed import RecoveryWarning, bad_key, fsync, fsync_tree, locked, recover, replace_dir, scan
 from ensemble.whitening import Whitening
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SETS = ("query", "reference", "train")
+TOP_FILES = ("ensemble.json", "postprocessing.json", "split.json", "descriptors/ids.json")
+_FOLDER = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")   # a member folder: one plain name
 
 
 class BundleError(UserError, ValueError):
-    """A bundle that cannot be loaded: missing or corrupt files (named), or a bad format."""
+    """A bundle that cannot be loaded: missing, corrupt, unlisted or unsafe files (named), or a bad format."""
+
+
+BundleRecoveryWarning = RecoveryWarning
 
 
 def is_bundle(path: str | os.PathLike) -> bool:
@@ -78,6 +101,23 @@ def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with atomic_path(path) as tmp:
         save_file({k: v if v.flags.c_contiguous else np.ascontiguousarray(v)  # (keeps 0-d arrays 0-d)
                    for k, v in ((k, np.asarray(v)) for k, v in arrays.items())}, str(tmp))
+
+
+def _read_arrays(root: Path, rel: str, full: bool = True) -> dict[str, np.ndarray]:
+    """Return the arrays of the array file ``root/rel`` (with ``full=False`` only check that it
+    parses: header of a .safetensors, header of a .npy); ``BundleError`` naming it when not."""
+    try:
+        if rel.endswith(".npy"):
+            np.load(root / rel, mmap_mode="r", allow_pickle=False)
+            return {}
+        if full:
+            return load_file(str(root / rel))
+        with safe_open(str(root / rel), framework="numpy") as fh:
+            fh.keys()
+        return {}
+    except (SafetensorError, ValueError, EOFError, OSError) as exc:
+        raise BundleError(f"{root}: {rel} is not a valid {Path(rel).suffix} file "
+                          f"({type(exc).__name__}: {exc})") from None
 
 
 @dataclass
@@ -113,17 +153,30 @@ class Bundle:
         bundle._check()
         return bundle
 
-    def _check(self) -> None:
+    def _check(self, where: Path | None = None) -> None:
+        """Raise ``BundleError`` when the parts disagree, or a member folder or file name would
+        leave the bundle folder (``where`` names the bundle in messages)."""
+        at = f"{where}: " if where is not None else "bundle: "
         if not (len(self.member_specs) == len(self.member_sources) == len(self.descriptors)) or not self.member_specs:
-            raise BundleError("bundle: member specs, files and descriptors disagree in number")
+            raise BundleError(f"{at}member specs, files and descriptors disagree in number")
+        for spec in self.member_specs:
+            if not {"name", "kind", "folder"} <= set(spec):
+                raise BundleError(f"{at}a member in ensemble.json lacks a name, kind or folder")
+        folders = [spec["folder"] for spec in self.member_specs]
+        for folder, sources in zip(folders, self.member_sources):
+            if not isinstance(folder, str) or not _FOLDER.fullmatch(folder) or folders.count(folder) > 1:
+                raise BundleError(f"{at}bad member folder {folder!r} in ensemble.json (a unique plain name)")
+            for fname in sources:
+                if bad_key(fname):
+                    raise BundleError(f"{at}bad file name members/{folder}/{fname} ({bad_key(fname)})")
         for spec, d in zip(self.member_specs, self.descriptors):
             for s in SETS:
                 if d[s].ndim != 2 or len(d[s]) != len(self.ids[s]):
-                    raise BundleError(f"bundle member {spec['name']}: {s} descriptors {d[s].shape} "
+                    raise BundleError(f"{at}member {spec['name']}: {s} descriptors {d[s].shape} "
                                       f"but {len(self.ids[s])} ids")
         w = self.post.weights
         if w is not None and len(w) != len(self.member_specs):
-            raise BundleError(f"bundle: {len(self.member_specs)} members but {len(w)} weights")
+            raise BundleError(f"{at}{len(self.member_specs)} members but {len(w)} weights")
 
     @property
     def member_names(self) -> list[str]:
@@ -131,11 +184,13 @@ class Bundle:
 
     # -- saving -----------------------------------------------------------------
     def _write_into(self, root: Path) -> None:
+        """Write every file into the empty folder ``root``, fsynced, the manifest last."""
         for spec, sources, descs in zip(self.member_specs, self.member_sources, self.descriptors):
             folder = root / "members" / spec["folder"]
-            folder.mkdir(parents=True, exist_ok=True)
             for fname, src in sources.items():
+                (folder / fname).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, folder / fname)
+                fsync(folder / fname)  # (the files written below are fsynced by atomic_path)
             _save_arrays(root / "descriptors" / f"{spec['folder']}.safetensors", descs)
         atomic_write_json(root / "descriptors" / "ids.json", self.ids)
         atomic_write_json(root / "ensemble.json", {"format_version": FORMAT_VERSION, "members": self.member_specs})
@@ -143,35 +198,26 @@ class Bundle:
         self.split.save(root / "split.json")
         if self.whitening is not None:
             _save_arrays(root / "whitening.safetensors", self.whitening.to_arrays())
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+        files, _ = scan(root)
+        fsync_tree(root, files)
         self.created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         atomic_write_json(root / MANIFEST, {
             "format_version": FORMAT_VERSION, "created": self.created, "packages": package_versions(),
             "members": self.member_names, "split_hash": self.split.hash,
-            "files": {p.relative_to(root).as_posix(): sha256_file(p) for p in files}})
+            "files": {rel: sha256_file(root / rel) for rel in sorted(files)}})
+        fsync(root)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the bundle to ``path`` atomically (replacing one there); return the path.
+        """Write the bundle to ``path`` crash-safely (replacing one there; see the module
+        docstring); return the path.
 
         A bundle without a path (new) or saved onto its own path is (re)attached to it;
         saving a loaded bundle elsewhere writes a copy and leaves ``self.path`` as it was.
         """
         path = Path(os.path.abspath(path))
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._check()
-        tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
-        try:
-            self._write_into(tmp)
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f"{path.name}.old-", dir=path.parent))
-                os.rename(path, old / "b")
-                os.rename(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        self._check(path)
+        replace_dir(path, self._write_into, _is_complete)
         if self.path is None or self.path == path:  # else a copy (NSML save): stay attached to self.path
             self.path = path
             self.member_sources = [{f: path / "members" / s["folder"] / f for f in src}
@@ -181,38 +227,56 @@ class Bundle:
     # -- loading ----------------------------------------------------------------
     @staticmethod
     def verify(path: str | os.PathLike) -> dict:
-        """Check every file's sha256 against the manifest; return the manifest or raise ``BundleError``."""
+        """Check the files against the manifest (keys confined to the bundle, every regular file
+        listed, sha256 equal, no links); return the manifest or raise ``BundleError`` naming
+        every offending file. Reads nothing outside ``path``."""
         path = Path(path)
-        mpath = path / MANIFEST
         if not path.is_dir():
             raise BundleError(f"{path}: bundle directory not found")
+        files, refused = scan(path)
+        if MANIFEST not in files:
+            raise BundleError(f"{path}: " + (refused.get(MANIFEST) or
+                                             f"missing file {MANIFEST} (not an ensemble bundle?)"))
         try:
-            manifest = json.loads(mpath.read_text())
-        except FileNotFoundError:
-            raise BundleError(f"{path}: missing file {MANIFEST} (not an ensemble bundle?)") from None
-        except json.JSONDecodeError as exc:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise BundleError(f"{path}: corrupt file {MANIFEST} ({exc})") from exc
+        listed = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(listed, dict):
+            raise BundleError(f"{path}: corrupt file {MANIFEST} (no 'files' mapping)")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise BundleError(f"{path}: bundle format {manifest.get('format_version')!r}, "
                               f"this code reads {FORMAT_VERSION}")
-        problems = []
-        for rel, digest in manifest.get("files", {}).items():
-            f = path / rel
-            if not f.is_file():
+        problems = list(refused.values())
+        for rel, digest in listed.items():
+            why = bad_key(rel) or ("the manifest itself" if rel == MANIFEST else None)
+            if why:
+                problems.append(f"bad file name {rel!r} in {MANIFEST} ({why})")
+            elif rel in refused:
+                continue
+            elif rel not in files:
                 problems.append(f"missing file {rel}")
-            elif sha256_file(f) != digest:
+            elif sha256_file(path / rel) != digest:
                 problems.append(f"corrupt file {rel} (sha256 does not match the manifest)")
+        problems += [f"unlisted file {rel} (not in {MANIFEST})" for rel in sorted(files - set(listed) - {MANIFEST})]
         if problems:
             raise BundleError(f"{path}: " + "; ".join(problems))
         return manifest
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Bundle":
-        """Load and verify a bundle; raises ``BundleError`` naming any corrupt or missing file."""
+        """Load and verify a bundle (finishing a killed save first, see the module docstring);
+        raises ``BundleError`` naming any corrupt, missing, unlisted or unsafe file."""
         path = Path(os.path.abspath(path))
+        with locked(path):
+            recover(path, _is_complete)
+            return cls._read(path)
+
+    @classmethod
+    def _read(cls, path: Path) -> "Bundle":
         manifest = cls.verify(path)
-        listed = set(manifest.get("files", {}))
-        for rel in ("ensemble.json", "postprocessing.json", "split.json", "descriptors/ids.json"):
+        listed = set(manifest["files"])
+        for rel in TOP_FILES:
             if rel not in listed:
                 raise BundleError(f"{path}: missing file {rel} (not listed in {MANIFEST})")
         try:
@@ -220,26 +284,33 @@ class Bundle:
             post = PostProcessing.from_dict(json.loads((path / "postprocessing.json").read_text()))
             split = HeldoutSplit.load(path / "split.json")
             ids = json.loads((path / "descriptors" / "ids.json").read_text())
+            folders = [spec["folder"] for spec in specs]  # checked by _check below; until then only
+            # listed keys (confined to the bundle) are opened
+            allowed = {*TOP_FILES, "whitening.safetensors", *(f"descriptors/{f}.safetensors" for f in folders)}
+            unexpected = sorted(rel for rel in listed - allowed if rel.split("/")[:2] not in
+                                [["members", f] for f in folders] or rel.count("/") < 2)
+            if unexpected:
+                raise BundleError(f"{path}: unexpected file {', '.join(unexpected)} (not part of the bundle format)")
+            for rel in sorted(listed):
+                if rel.endswith((".safetensors", ".npy")):
+                    _read_arrays(path, rel, full=False)
             descs = []
-            for spec in specs:
-                rel = f"descriptors/{spec['folder']}.safetensors"
+            for f in folders:
+                rel = f"descriptors/{f}.safetensors"
                 if rel not in listed:
                     raise BundleError(f"{path}: missing file {rel} (not listed in {MANIFEST})")
-                arrays = load_file(str(path / "descriptors" / f"{spec['folder']}.safetensors"))
+                arrays = _read_arrays(path, rel)
                 descs.append({s: arrays[s] for s in SETS})
-            wpath = path / "whitening.safetensors"
-            whitening = Whitening.from_arrays(load_file(str(wpath))) if "whitening.safetensors" in listed else None
+            whitening = (Whitening.from_arrays(_read_arrays(path, "whitening.safetensors"))
+                         if "whitening.safetensors" in listed else None)
+            sources = [{rel[len(f"members/{f}/"):]: path / rel for rel in sorted(listed)
+                        if rel.startswith(f"members/{f}/")} for f in folders]
+            bundle = cls(specs, sources, split, ids, descs, post, whitening, path, manifest.get("created"))
+            bundle._check(path)
         except BundleError:
             raise
-        except (KeyError, ValueError, TypeError, OSError) as exc:
+        except (KeyError, ValueError, TypeError, AttributeError, OSError, RecursionError) as exc:
             raise BundleError(f"{path}: malformed bundle ({type(exc).__name__}: {exc})") from exc
-        prefix = "members/"
-        sources = []
-        for spec in specs:
-            folder = f"{prefix}{spec['folder']}/"
-            sources.append({rel[len(folder):]: path / rel for rel in sorted(listed) if rel.startswith(folder)})
-        bundle = cls(specs, sources, split, ids, descs, post, whitening, path, manifest.get("created"))
-        bundle._check()
         return bundle
 
     # -- use --------------------------------------------------------------------
@@ -273,3 +344,12 @@ class Bundle:
         members = [member_from_spec(spec, self.path / "members" / spec["folder"], **member_kw)
                    for spec in self.member_specs]
         return Ensemble(members, post=self.post, whitening=self.whitening, device=device)
+
+
+def _is_complete(tmp: Path) -> bool:
+    """True when ``tmp`` (a save's leftover) holds a bundle that verifies."""
+    try:
+        Bundle.verify(tmp)
+        return True
+    except (BundleError, OSError):
+        return False
