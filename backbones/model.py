@@ -286,7 +286,14 @@ def _model_named_by(path: Path) -> str | None:
 
 
 def model_from_spec(spec: dict) -> RetrievalNet:
-    """Rebuild an (untrained) RetrievalNet from ``ModelSpec.to_dict()`` output."""
+    """Rebuild an (untrained) RetrievalNet from ``ModelSpec.to_dict()`` output.
+
+    The architecture must be a plain timm model name: a run or bundle from a stranger cannot
+    make timm reach the network (``hf-hub:``) or read another folder (``local-dir:``).
+    """
+    arch = str(spec.get("arch", ""))
+    if ":" in arch or not timm.is_model(arch):
+        raise ArchError(f"model spec names architecture {arch!r}, which is not a timm model name")
     return RetrievalNet(ModelSpec(arch=spec["arch"], embedding_dim=int(spec["embedding_dim"]),
                                   gem_p=float(spec.get("gem_p", 3.0)),
                                   mean=tuple(spec.get("mean", IMAGENET_MEAN)),

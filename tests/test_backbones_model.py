@@ -95,3 +95,11 @@ def test_pk_sampler_is_balanced_seeded_resumable_and_shards():
     a, b = list(s0), list(s1)
     assert len(a) == len(b) == 2 and not any(x in b for x in a)
     assert sorted(map(tuple, a + b)) == sorted(map(tuple, batches[:4]))
+
+
+def test_a_model_spec_from_a_stranger_cannot_reach_the_hub_or_another_folder():
+    from backbones.model import ArchError, model_from_spec
+
+    for arch in ("hf-hub:timm/resnet10t.c3_in1k", "local-dir:/etc", "not_a_model"):
+        with pytest.raises(ArchError, match="not a timm model name"):
+            model_from_spec({"arch": arch, "embedding_dim": 8})

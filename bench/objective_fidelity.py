@@ -1,0 +1,115 @@
+"""Does the held-out objective predict the leaderboard? Kendall tau between objectives and test.
+
+    python -m bench.objective_fidelity --bundle runs/grocery/bundle --data ../shared/datasets/grocery \
+        [--trials 60] [--seed 0] [--out bench/results_objective.json]
+
+Samples ``--trials`` post-processings at random from the tuning search space (seeded), and
+scores each with every objective variant below and on the test set (the bundle's members
+describe the test images; labels from test/labels.csv). Reports, per variant: Kendall tau
+and Spearman rho against test mAP@k, the highest objective value (saturation), the test
+score of the configuration the variant would choose against the best test score in the
+sample, and the seconds one evaluation takes.
+
+Variants (search classes = the study's search half of the held-out classes):
+* ``search-half``: search-class queries against search-class references (the old objective).
+* ``gallery``: every held-out query against every held-out reference in one ranking, scored
+  on the search-class queries (the check half's references are unseen-class distractors).
+* ``gallery+train``: the same, plus the bundle's train-class descriptors as distractors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+from scipy.stats import kendalltau, spearmanr
+
+from competition.fileio import atomic_write_json
+from ensemble.bundle import Bundle
+from tuning.heldout import HeldoutSet, heldout_set
+from tuning.objective import SearchSpace, evaluate, max_whiten_dim, suggest_postprocessing
+from tuning.search import split_halves
+from tuning.table import describe_test_set
+
+
+def with_distractors(heldout: HeldoutSet, n: int | None, seed: int = 0) -> HeldoutSet:
+    """``heldout`` with (a seeded sample of ``n``, None = all) train-class descriptors added as references."""
+    n_train = len(heldout.train[0])
+    idx = np.arange(n_train) if n is None or n >= n_train else np.sort(
+        np.random.default_rng(seed).choice(n_train, n, replace=False))
+    labels = np.array([f"train-distractor-{i}" for i in idx])   # never a query's class
+    return HeldoutSet(heldout.member_names, heldout.query, [np.concatenate([r, t[idx]]) for r, t in
+                                                            zip(heldout.reference, heldout.train)],
+                      heldout.train, heldout.query_labels, np.concatenate([heldout.reference_labels, labels]))
+
+
+def query_subset(heldout: HeldoutSet, classes: list[str]) -> HeldoutSet:
+    """Only the queries of ``classes``; every reference stays."""
+    keep = np.isin(heldout.query_labels, classes)
+    return HeldoutSet(heldout.member_names, [q[keep] for q in heldout.query], heldout.reference, heldout.train,
+                      heldout.query_labels[keep], heldout.reference_labels)
+
+
+def sample_posts(heldout: HeldoutSet, n: int, seed: int, space: SearchSpace) -> list:
+    """``n`` post-processings drawn at random from the search space."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    posts = []
+    for _ in range(n):
+        trial = study.ask()
+        posts.append(suggest_postprocessing(trial, heldout.member_names, max_whiten_dim(heldout), space))
+        study.tell(trial, 0.0)
+    return posts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.objective_fidelity", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--trials", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--k", type=int, default=1000)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", help="write the per-trial scores and the summary as JSON")
+    a = ap.parse_args(argv)
+    bundle = Bundle.load(a.bundle)
+    heldout = heldout_set(bundle)
+    test = describe_test_set(bundle, Path(a.data), Path(a.bundle).parent / "cache", a.device)
+    search, _check, search_classes, _ = split_halves(heldout, 0)
+    variants = {"search-half": search, "gallery": query_subset(heldout, search_classes),
+                "gallery+train": query_subset(with_distractors(heldout, None), search_classes)}
+    posts = sample_posts(heldout, a.trials, a.seed, SearchSpace())
+    scores = {name: [] for name in [*variants, "test"]}
+    seconds = {name: 0.0 for name in variants}
+    for i, post in enumerate(posts):
+        for name, problem in variants.items():
+            t0 = time.perf_counter()
+            scores[name].append(evaluate(problem, post, k=a.k)["map_at_k"])
+            seconds[name] += time.perf_counter() - t0
+        scores["test"].append(evaluate(test, post, k=a.k)["map_at_k"])
+        print(f"trial {i}: " + "  ".join(f"{n} {v[-1]:.4f}" for n, v in scores.items()), flush=True)
+    test_scores = np.asarray(scores["test"])
+    summary = {}
+    for name in variants:
+        v = np.asarray(scores[name])
+        summary[name] = {"kendall_tau": float(kendalltau(v, test_scores).statistic),
+                         "spearman": float(spearmanr(v, test_scores).statistic),
+                         "max": float(v.max()), "chosen_test": float(test_scores[int(v.argmax())]),
+                         "best_test": float(test_scores.max()), "s_per_eval": seconds[name] / len(posts)}
+    print("\n| objective | Kendall tau | Spearman | max objective | test of chosen | best test | s/eval |")
+    print("|---|---|---|---|---|---|---|")
+    for name, s in summary.items():
+        print(f"| {name} | {s['kendall_tau']:.3f} | {s['spearman']:.3f} | {s['max']:.4f} | {s['chosen_test']:.4f} | "
+              f"{s['best_test']:.4f} | {s['s_per_eval']:.2f} |")
+    if a.out:
+        atomic_write_json(a.out, {"summary": summary, "scores": scores, "trials": a.trials, "seed": a.seed,
+                                  "bundle": str(a.bundle), "posts": [p.to_dict() for p in posts]})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
