@@ -156,15 +156,20 @@ def submit_locally(state: SessionState, args: argparse.Namespace) -> dict | None
     print("local leaderboard: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
     atomic_write_json(out / "scores.json", scores)
     if args.picture:
+        from competition.metrics import average_precision
         from competition.picture import retrieval_picture
+        from competition.submission import rankings_from_names
         n = min(args.picture, len(submission))
-        ref_dir = root / REFERENCE_DIR
-        by_name = {image_name(p): p for p in list_images(ref_dir)}
-        rows = [(q, refs[:6]) for _, (q, refs) in submission[:n]]
+        by_name = {image_name(p): p for p in list_images(root / REFERENCE_DIR)}
+        shown = [(q, refs) for _, (q, refs) in submission[:n]]
+        ap = average_precision(rankings_from_names(dict(shown), [q for q, _ in shown], list(by_name)),
+                               [labels["query"][q] for q, _ in shown], [labels["reference"][r] for r in by_name],
+                               k=1000)
         retrieval_picture([query_paths[i] for i in range(n)],
-                          [[by_name[r] for r in refs] for _, refs in rows],
-                          [[labels["reference"][r] == labels["query"][q] for r in refs] for q, refs in rows],
-                          out / "retrieval.png")
+                          [[by_name[r] for r in refs[:6]] for _, refs in shown],
+                          [[labels["reference"][r] == labels["query"][q] for r in refs[:6]] for q, refs in shown],
+                          out / "retrieval.png", query_names=[q for q, _ in shown], query_ap=ap.tolist(),
+                          ap_name="AP@1000")
     return scores
 
 
