@@ -172,17 +172,29 @@ def submit_locally(state: SessionState, args: argparse.Namespace) -> dict | None
           + f"  ({scores['n_query']} queries)", flush=True)
     atomic_write_json(out / "scores.json", scores)
     if args.picture:
-        from competition.picture import retrieval_picture
-        n = min(args.picture, len(submission))
-        ref_dir = root / REFERENCE_DIR
-        by_name = {image_name(p): p for p in list_images(ref_dir)}
-        rows = [(q, refs[:6]) for _, (q, refs) in submission[:n]]
-        retrieval_picture([query_paths[i] for i in range(n)],
-                          [[by_name[r] for r in refs] for _, refs in rows],
-                          [[q in labels["query"] and labels["reference"].get(r) == labels["query"][q] for r in refs]
-                           for q, refs in rows],
-                          out / "retrieval.png")
+        draw_retrieval_picture(submission, query_paths, labels, root, out / "retrieval.png", args.picture)
     return scores
+
+
+def draw_retrieval_picture(submission, query_paths: list[str], labels: dict, root: Path, path: Path, n: int,
+                           k: int = 1000, width: int = 6) -> None:
+    """retrieval.png: the first ``n`` labelled queries with their top ``width`` references and AP@k."""
+    from competition.metrics import average_precision
+    from competition.picture import retrieval_picture
+    from competition.submission import rankings_from_names
+    by_name = {image_name(p): p for p in list_images(root / REFERENCE_DIR)}
+    unlabelled = "\0 no label"   # a reference without a label is never relevant
+    ref_labels = [labels["reference"].get(r, unlabelled) for r in by_name]
+    rows = [(i, q, refs) for i, (_, (q, refs)) in enumerate(submission) if q in labels["query"]][:n]
+    if not rows:
+        return
+    shown = {q: refs for _, q, refs in rows}
+    ap = average_precision(rankings_from_names(shown, list(shown), list(by_name)),
+                           [labels["query"][q] for q in shown], ref_labels, k=k)
+    retrieval_picture([query_paths[i] for i, _, _ in rows],
+                      [[by_name[r] for r in refs[:width]] for _, _, refs in rows],
+                      [[labels["reference"].get(r) == labels["query"][q] for r in refs[:width]] for _, q, refs in rows],
+                      path, query_names=list(shown), query_ap=ap.tolist(), ap_name=f"AP@{k}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

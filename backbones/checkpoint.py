@@ -134,35 +134,76 @@ def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def write_log(run_dir: Path, rows: list[dict], k: int = 1000) -> None:
-    """Rewrite RUN_DIR/log.jsonl (one JSON object per epoch) and RUN_DIR/loss.png."""
+def write_log(run_dir: Path, rows: list[dict], k: int = 1000, title: str | None = None) -> None:
+    """Rewrite RUN_DIR/log.jsonl (one JSON object per epoch) and RUN_DIR/loss.png, titled ``title``
+    (default: the run folder's name, with the config's arch when it differs)."""
+    run_dir = Path(run_dir)
     atomic_write_text(run_dir / LOG_FILE, "".join(json.dumps(r) + "\n" for r in rows))
-    plot_loss(run_dir / "loss.png", rows, k)
+    plot_loss(run_dir / "loss.png", rows, k, title or _run_title(run_dir))
 
 
-def plot_loss(path: Path, rows: list[dict], k: int = 1000) -> None:
-    """Loss per epoch, and held-out mAP@k (rows' ``val["mAP@<k>"]``) on a second axis when logged."""
+def _run_title(run_dir: Path) -> str:
+    """The run folder's name, plus ``(arch)`` from its config.json when readable and different."""
+    try:
+        arch = json.loads((run_dir / CONFIG_FILE).read_text()).get("arch")
+    except (OSError, ValueError, AttributeError):
+        arch = None
+    return f"{run_dir.name} ({arch})" if arch and arch != run_dir.name else run_dir.name
+
+
+def plot_loss(path: Path, rows: list[dict], k: int = 1000, title: str | None = None) -> None:
+    """Save ``loss_figure(rows, k, title)`` as a PNG at ``path``."""
+    fig = loss_figure(rows, k, title)
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=90)
+    finally:
+        plt.close(fig)
+
+
+def loss_figure(rows: list[dict], k: int = 1000, title: str | None = None):
+    """Matplotlib figure of a run's log ``rows``: training loss per epoch on its own axis (from 0),
+    and, when any row holds ``val``, held-out mAP@k (and Recall@1) per epoch in a second panel
+    beside it on a fixed 0-1 axis, so that noise does not look like learning. ``title``: the member."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    trained = [r for r in rows if r.get("loss") is not None]
-    ax.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], "o-", label="train loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    val = [(r["epoch"], r["val"][f"mAP@{k}"]) for r in rows if r.get("val")]
+    trained = [(r["epoch"], r["loss"]) for r in rows if r.get("loss") is not None]
+    val = [(r["epoch"], r["val"]) for r in rows if r.get("val")]
+    fig, axes = plt.subplots(1, 2 if val else 1, figsize=(10.5 if val else 5.5, 3.8), squeeze=False,
+                             sharex=True, layout="constrained")
+    ax = axes[0, 0]
+    if trained:
+        ax.plot(*zip(*trained), "o-", color="tab:blue")
+        ax.set_ylim(bottom=min(0.0, min(loss for _, loss in trained)))
+    else:
+        ax.text(0.5, 0.5, "no training epoch yet", transform=ax.transAxes, ha="center", va="center")
+    ax.set(title="training loss (mean per batch)", xlabel="epoch", ylabel="loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
     if val:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*val), "s--", color="tab:green", label=f"held-out mAP@{k}")
-        ax2.set_ylabel(f"held-out mAP@{k}")
-        ax2.legend(loc="upper right")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+        ax2 = axes[0, 1]
+        epochs = [e for e, _ in val]
+        maps = [v[f"mAP@{k}"] for _, v in val]
+        ax2.plot(epochs, maps, "s-", color="tab:green", label=f"mAP@{k}")
+        if all("Recall@1" in v for _, v in val):
+            ax2.plot(epochs, [v["Recall@1"] for _, v in val], "^--", color="tab:orange", label="Recall@1")
+        best = max(range(len(maps)), key=maps.__getitem__)
+        ax2.annotate(f"best {maps[best]:.4f}", (epochs[best], maps[best]), textcoords="offset points",
+                     xytext=(0, 8), ha="center", fontsize=8, color="tab:green")
+        ax2.set(title="held-out retrieval", xlabel="epoch", ylabel="score", ylim=(0.0, 1.0))
+        ax2.grid(alpha=0.3)
+        ax2.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+    epochs_all = [e for e, _ in trained + val] or [0]
+    ax.set_xlim(min(epochs_all) - 0.5, max(max(epochs_all), min(epochs_all) + 1) + 0.5)
+    if title:
+        fig.suptitle(title, fontweight="bold")
+    return fig
 
 
 def write_config(run_dir: Path, config: dict) -> None:
