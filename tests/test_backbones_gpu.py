@@ -90,7 +90,8 @@ def _fake_rank(monkeypatch, rank: int, world: int = 2) -> tuple[FakeDist, dict]:
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("LOCAL_RANK", str(rank))
     monkeypatch.setattr(train_mod, "dist", fake)
-    monkeypatch.setattr(train_mod, "DistributedDataParallel", FakeDDP)
+    monkeypatch.setattr(train_mod, "DistributedDataParallel", FakeDDP, raising=False)
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", FakeDDP)  # wherever train.py looks it up
     monkeypatch.setattr(FakeDDP, "made", [])
     monkeypatch.setattr(train_mod, "validate", lambda *a, **k: {"map_at_k": 0.5, "recall_at_1": 0.5,
                                                                  "n_query": 1, "n_reference": 1})
@@ -312,11 +313,14 @@ def test_heads_compute_in_float32_under_bf16_autocast(kind):
     head = make_head(kind, 16, 10, scale=30.0, margin=0.3)
     emb = F.normalize(torch.randn(24, 16), dim=1)
     labels = torch.arange(24) % 10
+    logits = []
+    if kind == "softmax":
+        head.fc.register_forward_hook(lambda module, args, out: logits.append(out.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = head(emb, labels)
         if kind != "softmax":
-            assert head.cosine(emb).dtype == torch.float32
-    assert loss.dtype == torch.float32
+            logits.append(head.cosine(emb).dtype)
+    assert loss.dtype == torch.float32 and logits == [torch.float32]
     assert loss.item() == pytest.approx(_reference_head_loss(kind, head, emb, labels), rel=1e-5, abs=1e-5)
 
 
