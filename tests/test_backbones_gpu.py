@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from datetime import timedelta
+from typing import ClassVar
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ class FakeDist:
 class FakeDDP(nn.Module):
     """DistributedDataParallel without peers; records its keyword arguments in ``made``."""
 
-    made: list[dict] = []
+    made: ClassVar[list[dict]] = []
 
     def __init__(self, module: nn.Module, **kw):
         super().__init__()
@@ -203,7 +204,7 @@ def test_dist_setup_on_gpus_uses_nccl_with_a_long_timeout(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     rank, world, dev = train_mod._dist_setup("cuda")
     assert (rank, world, dev) == (1, 2, torch.device("cuda", 1)) and chosen == [torch.device("cuda", 1)]
-    (name, backend, kw), = fake.calls
+    (_, backend, kw), = fake.calls
     assert backend == "nccl" and kw["timeout"] >= timedelta(hours=1)
     train_mod._barrier(dev)
     assert fake.calls[-1] == ("barrier", {"device_ids": [1]})
