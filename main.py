@@ -40,11 +40,13 @@ from competition.submission import build_submission, score_submission, validate_
 class SessionState:
     """What the bound functions share: the loaded bundle and the member runs loaded so far."""
 
-    def __init__(self, data_root: str | None, top_k: int | None, device: str, cache_dir: str | None = None):
+    def __init__(self, data_root: str | None, top_k: int | None, device: str, cache_dir: str | None = None,
+                 workers: int | None = None):
         self.data_root = data_root
         self.cache_dir = cache_dir  # descriptor cache for local runs (None: extract every time)
         self.top_k = top_k
         self.device = device
+        self.workers = workers      # image-decoding workers of member extraction (None: auto)
         self.bundle = None
         self.member_dirs: list[Path] = []
         self.workdir = Path(tempfile.mkdtemp(prefix="kit-session-"))  # private copies; gone at exit
@@ -95,7 +97,7 @@ def run_inference(state: SessionState, query_paths: list[str]):
     reference_paths = list_images(Path(root) / REFERENCE_DIR)
     query_names = [image_name(p) for p in query_paths]
     reference_names = [image_name(p) for p in reference_paths]
-    member_kw = {} if state.cache_dir is None else {"cache_dir": state.cache_dir}
+    member_kw = {"workers": state.workers, "cache_dir": state.cache_dir}
     ensemble = state.bundle.ensemble(device=state.device, **member_kw)
     top_k = len(reference_paths) if state.top_k is None else min(state.top_k, len(reference_paths))
     ranking = ensemble.rank([str(p) for p in query_paths], [str(p) for p in reference_paths], top_k=top_k)
@@ -115,7 +117,7 @@ def build_checkpoint(state: SessionState, args: argparse.Namespace) -> None:
         raise UserError("train mode needs --members RUN_DIR ... and/or --sessions SESSION[:CHECKPOINT] ...")
     out = state.workdir / "bundle"
     config = BuildConfig(device=args.device, split=args.split, max_train_images=args.max_train_images,
-                         seed=args.seed, cache_dir=state.workdir / "cache")
+                         seed=args.seed, workers=args.workers, cache_dir=state.workdir / "cache")
     state.bundle, summary = build_from_paths([str(m) for m in members], state.data_root or DATASET_PATH,
                                              out, config)
     print(summary.line(), flush=True)
@@ -198,6 +200,7 @@ def draw_retrieval_picture(submission, query_paths: list[str], labels: dict, roo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from backbones.extract import WORKERS_HELP, workers_arg
     p = ArgumentParser(prog="python main.py", description=__doc__)
     nsml_args = p.add_argument_group("NSML's reserved arguments")
     nsml_args.add_argument("--mode", choices=["train", "test"], default="train",
@@ -225,7 +228,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--full-ranking", action="store_true",
                    help="rank every reference (phase 1) instead of the top 1000")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=workers_arg, default="auto", metavar="N|auto", help=WORKERS_HELP)
     return p.parse_args(argv)
+
+
+def runtime_report(device: str) -> str:
+    """The startup line: where members extract and faiss searches, and in what precision."""
+    from backbones.extract import autocast_dtype, runtime_line, torch_device
+    dev = torch_device(device)
+    return "runtime: " + runtime_line(dev, autocast_dtype("auto", dev))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.data:
             raise UserError("without NSML, --data DATASET is required")
         nsml.DATASET_PATH = args.data
+    print(runtime_report(args.device), flush=True)
     state = SessionState(args.data or DATASET_PATH, None if args.full_ranking else 1000, args.device,
-                         args.cache_dir)
+                         args.cache_dir, args.workers)
     bind_model(state)
     if args.pause:
         nsml.paused(scope=locals())

@@ -84,25 +84,25 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict:
-    """torch / numpy / python RNG states as tensors and plain types (weights_only-loadable)."""
+    """torch (CPU) / numpy / python RNG states as tensors and plain types (weights_only-loadable).
+
+    CUDA generators are left out: training reseeds them at every epoch's start (``torch.manual_seed``),
+    and a run may resume on fewer GPUs than it was saved on.
+    """
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                       "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-             "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+            "python": random.getstate()}
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore ``rng_state()``'s generators; CUDA states that older runs saved (``"cuda"``) are ignored."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_last(run_dir: Path, net_state: dict[str, torch.Tensor], train_state: dict) -> None:

@@ -26,6 +26,7 @@ from competition.data import LoadReport, UnreadableImage, image_name, is_image_f
 from competition.fileio import atomic_path, atomic_write_text
 from competition.metrics import retrieval_scores
 from rerank import resolve_device, search
+from rerank.device import faiss_gpu_count
 
 
 def torch_device(device: str = "auto") -> torch.device:
@@ -33,15 +34,67 @@ def torch_device(device: str = "auto") -> torch.device:
     return torch.device(resolve_device(device))
 
 
+BF16_CAPABILITY = (8, 0)  # Ampere: the first NVIDIA GPUs with bf16 tensor cores
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """Map --amp none|bf16|fp16|auto to an autocast dtype (None: full precision)."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
+    """Map --amp none|bf16|fp16|auto to an autocast dtype (None: full precision).
+
+    auto: bf16 on a GPU of compute capability >= 8.0, fp16 on older GPUs (training pairs it
+    with a GradScaler), none on the CPU. bf16 on an older GPU, or fp16 on the CPU, is a UserError.
+    """
     if amp == "none":
         return None
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError("--amp fp16 needs a CUDA device; use bf16 or none on CPU")
+    if device.type != "cuda":
+        if amp == "fp16":
+            raise UserError("--amp fp16 needs a CUDA device; use bf16 or none on CPU")
+        return torch.bfloat16 if amp == "bf16" else None
+    capability = tuple(torch.cuda.get_device_capability(device))
+    has_bf16 = capability >= BF16_CAPABILITY
+    if amp == "auto":
+        amp = "bf16" if has_bf16 else "fp16"
+    if amp == "bf16" and not has_bf16:
+        raise UserError(f"--amp bf16: {device} has compute capability {capability[0]}.{capability[1]}, "
+                        f"bf16 needs {BF16_CAPABILITY[0]}.{BF16_CAPABILITY[1]}; use --amp fp16 or auto")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """``"float32"`` for full precision (None), else the autocast dtype's name (``"bfloat16"``, ``"float16"``)."""
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def extraction_precision(device: str = "auto", amp: str = "auto") -> dict[str, str]:
+    """``{"device": "cpu" | "cuda", "amp": dtype_name}``: what ``extract_descriptors`` computes in
+    for these arguments (descriptor caches key on it)."""
+    dev = torch_device(device)
+    return {"device": dev.type, "amp": dtype_name(autocast_dtype(amp, dev))}
+
+
+def runtime_line(device: torch.device, amp_dtype: torch.dtype | None) -> str:
+    """One line for a run's log: the device (GPU name, compute capability), the AMP dtype, faiss's GPUs."""
+    where = str(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        where += f" ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor})"
+    n_faiss = faiss_gpu_count()
+    note = " (faiss searches on the CPU: no GPU build of faiss)" if device.type == "cuda" and n_faiss == 0 else ""
+    return f"device {where}, amp {dtype_name(amp_dtype)}, faiss GPUs {n_faiss}{note}"
+
+
+def default_workers(device: torch.device) -> int:
+    """Image-decoding workers when none are asked for: min(8, CPU cores) feeding a GPU; on the CPU a
+    quarter of the cores (at most 8), as the forward pass keeps the others busy."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores if device.type == "cuda" else cores // 4)
+
+
+def workers_arg(text: str) -> int | None:
+    """argparse type of ``--workers``: ``auto`` (None: ``default_workers`` of the device) or a count >= 0."""
+    return None if text.strip().lower() == "auto" else number(int, 0)(text)
+
+
+WORKERS_HELP = "image-decoding worker processes (auto: min(8, CPU cores) on a GPU, a quarter of the cores on the CPU)"
 
 
 def extract_descriptors(
@@ -53,7 +106,7 @@ def extract_descriptors(
     device: str = "auto",
     flip: bool = False,
     scales: Sequence[float] = (1.0,),
-    workers: int = 0,
+    workers: int | None = None,
     amp: str = "auto",
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +115,8 @@ def extract_descriptors(
     Unreadable images are skipped with one warning naming each. TTA (flip, scales)
     averages the unit descriptors of each view and re-normalises. ``config`` gives
     image_size / crop_pct / model mean+std (a run's config.json). device "auto": the
-    model's own device (a run dir loads onto CUDA when available); amp "auto": bf16 on CUDA.
+    model's own device (a run dir loads onto CUDA when available); amp: see ``autocast_dtype``;
+    workers None: ``default_workers`` of the device.
     """
     if isinstance(model_or_run_dir, (str, os.PathLike)):
         model, run_cfg = load_run(model_or_run_dir, device)
@@ -80,6 +134,7 @@ def extract_descriptors(
     if model_dev != dev:
         model.to(dev)
     dtype = autocast_dtype(amp, dev)
+    workers = default_workers(dev) if workers is None else workers
     tfms = [eval_transform(image_size, mean, std, crop_pct, s) for s in scales]
     loader = DataLoader(PathDataset(paths, tfms), batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=path_collate, pin_memory=dev.type == "cuda",
@@ -165,11 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=number(int, 1), default=64, metavar="N", help="images per batch")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
-                    help="mixed precision (auto: bf16 on CUDA, none on CPU)")
+                    help="mixed precision (auto: bf16 on GPUs of compute capability >= 8.0, fp16 on older "
+                         "GPUs, none on CPU)")
     ap.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
     ap.add_argument("--scales", type=number(float, 0.1, 4.0), nargs="+", default=[1.0], metavar="S",
                     help="multi-scale test-time augmentation: image size factors averaged")
-    ap.add_argument("--workers", type=number(int, 0), default=2, metavar="N", help="image-decoding worker processes")
+    ap.add_argument("--workers", type=workers_arg, default="auto", metavar="N|auto", help=WORKERS_HELP)
     a = ap.parse_args(argv)
     if a.evaluate:
         scores = evaluate_test(a.run, a.evaluate, batch_size=a.batch_size, device=a.device, flip=a.flip,

@@ -1,10 +1,13 @@
 """Training heads for metric learning: ArcFace, CosFace, plain softmax, batch-hard triplet.
 
 Every head maps (embeddings (B, d), labels (B,)) -> a scalar loss; embeddings are
-the network's L2-normalised output.
+the network's L2-normalised output. Heads and the triplet loss compute in float32 with
+autocast off: under bf16 autocast the cosines would keep 8 significant bits (errors near
+0.004 at cos ~ 1), which the logit scale s multiplies and which rival the margin's effect.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -12,6 +15,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HEADS = ("arcface", "cosface", "softmax")
+
+
+def float32(fn):
+    """Run ``fn(self, emb, labels)`` with autocast off and ``emb`` as float32 (the result is float32)."""
+
+    @functools.wraps(fn)
+    def wrapper(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(emb.device.type, enabled=False):
+            return fn(self, emb.float(), labels)
+
+    return wrapper
 
 
 class _CosineHead(nn.Module):
@@ -24,13 +38,15 @@ class _CosineHead(nn.Module):
         self.scale, self.margin = float(scale), float(margin)
 
     def cosine(self, emb: torch.Tensor) -> torch.Tensor:
-        """Return cos(theta) between embeddings and class centres, (B, n_classes) float32."""
-        return F.linear(F.normalize(emb.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+        """Return cos(theta) between embeddings and class centres, (B, n_classes) float32 (also under autocast)."""
+        with torch.autocast(emb.device.type, enabled=False):
+            return F.linear(F.normalize(emb.float(), dim=1), F.normalize(self.weight.float(), dim=1))
 
 
 class ArcFace(_CosineHead):
     """Additive angular margin: s * cos(theta_y + m) for the target class."""
 
+    @float32
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cos = self.cosine(emb)
         sin = torch.sqrt((1.0 - cos * cos).clamp(min=1e-7))
@@ -46,6 +62,7 @@ class ArcFace(_CosineHead):
 class CosFace(_CosineHead):
     """Additive cosine margin: s * (cos(theta_y) - m) for the target class."""
 
+    @float32
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cos = self.cosine(emb)
         onehot = F.one_hot(labels, cos.shape[1]).to(cos.dtype)
@@ -59,8 +76,9 @@ class SoftmaxHead(nn.Module):
         super().__init__()
         self.fc = nn.Linear(dim, n_classes)
 
+    @float32
     def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.fc(emb.float()), labels)
+        return F.cross_entropy(self.fc(emb), labels)
 
 
 def make_head(kind: str, dim: int, n_classes: int, scale: float = 30.0, margin: float = 0.3) -> nn.Module:
@@ -72,11 +90,16 @@ def make_head(kind: str, dim: int, n_classes: int, scale: float = 30.0, margin: 
 
 
 def batch_hard_triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
-    """Batch-hard triplet loss (hardest positive vs hardest negative per anchor); scalar.
+    """Batch-hard triplet loss (hardest positive vs hardest negative per anchor); float32 scalar.
 
     Anchors without a positive or a negative in the batch are ignored.
     """
-    emb = F.normalize(emb.float(), dim=1)
+    with torch.autocast(emb.device.type, enabled=False):
+        return _batch_hard_triplet_loss(emb.float(), labels, margin)
+
+
+def _batch_hard_triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    emb = F.normalize(emb, dim=1)
     dist = (2.0 - 2.0 * emb @ emb.t()).clamp(min=1e-12).sqrt()
     same = labels[:, None] == labels[None, :]
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)

@@ -7,9 +7,14 @@ Batches are P classes x K images (``--classes-per-batch``, ``--images-per-class`
 ``--batch-size`` with K). ``--freeze-bn`` keeps the body's BatchNorm statistics (needed
 for weights with fused/identity BN statistics).
 
-Every epoch is a deterministic function of (seed, epoch), and resumable state is
+Every epoch is a deterministic function of (seed, epoch, rank), and resumable state is
 saved at each epoch's end, so ``--resume`` after a kill ends with the weights of
 an uninterrupted run. See backbones/checkpoint.py for the run-folder files.
+
+Under torchrun, ranks draw different augmentations (the rank is part of the epoch's
+seed), epoch statistics are summed on the training device (NCCL reduces CUDA tensors
+only), the process group waits ``DIST_TIMEOUT`` for rank 0's validation, and DDP looks
+for unused parameters only for models that have some (``unused_parameters``).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import random
 import sys
 import time
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +34,13 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from backbones import checkpoint as ckpt
 from backbones.config import ConfigError, TrainConfig, parse_args
-from backbones.extract import autocast_dtype, extract_descriptors, search_scores, torch_device
+from backbones.extract import autocast_dtype, extract_descriptors, runtime_line, search_scores, torch_device
 from backbones.heads import MetricLoss, make_head
 from backbones.model import RetrievalNet, build_model
 from backbones.sampler import PKSampler
@@ -42,6 +49,11 @@ from competition.cli import run_command
 from competition.data import scan_train
 from competition.metrics import file_keys
 from competition.split import HeldoutSplit, make_split, split_labels
+
+# Ranks other than 0 wait in a barrier while rank 0 validates and writes; NCCL's default
+# (10 minutes) would kill a job whose validation takes longer.
+DIST_TIMEOUT = timedelta(hours=2)
+LOG_EVERY = 20  # optimizer steps between progress-bar updates (each reads the loss: one device sync)
 
 
 class TrainNet(nn.Module):
@@ -65,6 +77,11 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % 2**62
 
 
+def _rank_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of one rank's epoch (augmentation, dropout): ranks differ, rank 0 is the single-process seed."""
+    return (_epoch_seed(seed, epoch) + rank * 0x9E3779B97F4A7C15) % 2**62
+
+
 def _dist_setup(device: str) -> tuple[int, int, torch.device]:
     """Return (rank, world_size, device); initialises the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -74,8 +91,77 @@ def _dist_setup(device: str) -> tuple[int, int, torch.device]:
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
     return dist.get_rank(), world, dev
+
+
+def _barrier(device: torch.device) -> None:
+    """``dist.barrier`` naming this rank's GPU to NCCL (it cannot guess it)."""
+    if device.type == "cuda":
+        dist.barrier(device_ids=[device.index])
+    else:
+        dist.barrier()
+
+
+class EpochMeter:
+    """Loss sum, batch and image counts of one epoch. The loss sum stays on the training device,
+    so no step waits for the GPU; ``loss_now`` and ``totals`` read it (one sync each)."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.batches = 0
+        self.images = 0
+
+    def add(self, loss: torch.Tensor, n_images: int) -> None:
+        self.loss_sum += loss.detach()
+        self.batches += 1
+        self.images += n_images
+
+    def loss_now(self) -> float:
+        """Mean loss of this rank's batches so far."""
+        return self.loss_sum.item() / max(1, self.batches)
+
+    def totals(self, world: int) -> tuple[float, int, int]:
+        """(loss sum, batches, images) over all ranks; the reduced tensor lives on the training device."""
+        t = torch.stack([self.loss_sum, self.loss_sum.new_tensor(self.batches), self.loss_sum.new_tensor(self.images)])
+        if world > 1:
+            dist.all_reduce(t)
+        loss_sum, batches, images = t.tolist()
+        return loss_sum, int(batches), int(images)
+
+
+def unused_parameters(net: nn.Module, example: tuple[torch.Tensor, ...]) -> list[str]:
+    """Names of trainable parameters that get no gradient from ``net(*example).backward()``.
+
+    One forward/backward in eval mode (no BatchNorm statistics move, no dropout); the
+    parameters' gradients are restored afterwards. DDP needs ``find_unused_parameters``
+    exactly when this is not empty (e.g. timm bodies whose head layers ``forward_features``
+    skips: convnext_tiny's head norm, mobilenetv3's conv_head).
+    """
+    params = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
+    saved = [p.grad for _, p in params]
+    was_training = net.training
+    for _, p in params:
+        p.grad = None
+    net.eval()
+    try:
+        with torch.enable_grad():
+            net(*example).backward()
+        return [name for name, p in params if p.grad is None]
+    finally:
+        for (_, p), g in zip(params, saved):
+            p.grad = g
+        net.train(was_training)
+
+
+def _wrap_ddp(net: nn.Module, device: torch.device, image_size: int, channels_last: bool) -> nn.Module:
+    """DistributedDataParallel around ``net``, finding unused parameters only when the model has some."""
+    x = torch.zeros(2, 3, image_size, image_size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    unused = unused_parameters(net, (x, torch.zeros(2, dtype=torch.long, device=device)))
+    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=bool(unused))
 
 
 def _param_groups(model: RetrievalNet, loss: nn.Module, lr: float, body_mult: float, wd: float) -> list[dict]:
@@ -206,10 +292,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             rows = [r for r in ckpt.read_log(run_dir) if r["epoch"] <= start_epoch]
             say(f"resuming {run_dir} after epoch {start_epoch} (step {step}, best mAP@{cfg.k} {best:.4f})")
 
-    ddp = net
-    if world > 1:
-        ddp = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    ddp = _wrap_ddp(net, device, cfg.image_size, cfg.channels_last) if world > 1 else net
     aug = AugmentConfig(tuple(cfg.crop_scale), cfg.hflip, cfg.color_jitter)
     dataset = TrainDataset(train_index.paths, labels, train_transform(cfg.image_size, aug, spec["mean"], spec["std"]))
     gen = torch.Generator()
@@ -219,7 +302,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         ema_pairs = [(e, m) for e, m in zip(ema.state_dict().values(), model.state_dict().values())]
     say(f"{spec['arch']}: {len(train_index)} images of {len(classes)} train classes, "
         f"held-out {len(split.heldout_classes)} classes (split {split.hash}); P={p} K={k} x {world} rank(s), "
-        f"{steps_per_epoch} steps/epoch, device {device}, amp {amp_dtype}")
+        f"{steps_per_epoch} steps/epoch; {runtime_line(device, amp_dtype)}")
     speed, epoch, stopped = 0.0, start_epoch, False
     if cfg.val_at_start and start_epoch == 0 and is_main:
         val0 = validate(ema if ema is not None else model, run_cfg, split, id_to_path, cfg, device)
@@ -230,15 +313,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         rows = [{"epoch": 0, "step": 0, "loss": None, "lr": None, "img_per_s": None, "val": file_keys(val0, cfg.k)}]
         ckpt.write_log(run_dir, rows, cfg.k)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        _seed_all(_epoch_seed(cfg.seed, epoch))
-        gen.manual_seed(_epoch_seed(cfg.seed, epoch))
+        _seed_all(_rank_seed(cfg.seed, epoch, rank))
+        gen.manual_seed(_rank_seed(cfg.seed, epoch, rank))
         sampler.set_epoch(epoch)
         ddp.train()
         if cfg.freeze_bn:
             for m in model.body.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
-        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, batches, images
+        meter = EpochMeter(device)
         t0, n_batches = time.perf_counter(), steps_per_epoch * cfg.grad_accum
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not (is_main and cfg.progress),
                    file=sys.stderr, dynamic_ncols=True)
@@ -257,7 +340,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     loss_v = ddp(x, y)
                 scaler.scale(loss_v / cfg.grad_accum).backward()
-            sums += torch.tensor([loss_v.item(), 1.0, len(x)], dtype=torch.float64)
+            meter.add(loss_v, len(x))
             if not last_micro:
                 continue
             scaler.step(optimizer)
@@ -272,19 +355,19 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
                             e.mul_(cfg.ema).add_(m.detach(), alpha=1.0 - cfg.ema)
                         else:
                             e.copy_(m)
-            ips = sums[2].item() * world / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{sums[0].item() / sums[1].item():.4f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}",
-                            img_s=f"{ips:.1f}")
+            if not bar.disable and ((step - 1) % LOG_EVERY == 0 or i + 1 == n_batches):
+                ips = meter.images * world / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{meter.loss_now():.4f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}",
+                                img_s=f"{ips:.1f}")
             bar.update(1)
             if cfg.max_steps and step >= cfg.max_steps:
                 stopped = True
                 break
         bar.close()
-        if world > 1:
-            dist.all_reduce(sums)
-        speed = sums[2].item() / max(1e-9, time.perf_counter() - t0)
+        loss_sum, batches, images = meter.totals(world)
+        speed = images / max(1e-9, time.perf_counter() - t0)
         stop_now = stopped or (cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch)
-        row = {"epoch": epoch, "step": step, "loss": sums[0].item() / max(1.0, sums[1].item()),
+        row = {"epoch": epoch, "step": step, "loss": loss_sum / max(1, batches),
                "lr": scheduler.get_last_lr()[-1], "img_per_s": speed, "val": None}
         if is_main:
             eval_model = ema if ema is not None else model
@@ -306,7 +389,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             say(f"epoch {epoch}: loss {row['loss']:.4f} lr {row['lr']:.2e} {speed:.1f} img/s"
                 + (f" | held-out {_val_line(val, cfg.k)}" if row["val"] else ""))
         if world > 1:
-            dist.barrier()
+            _barrier(device)
         if stop_now:
             break
     if world > 1:

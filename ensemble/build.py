@@ -1,7 +1,8 @@
 """Build an ensemble bundle from trained members and a dataset.
 
     python -m ensemble.build --members RUN1 RUN2 [X.npy ...] [--weights 1 2] --data DATASET \\
-        --out BUNDLE [--split SPLIT.json] [--max-train-images N] [--device auto] [--batch-size 64] [--flip]
+        --out BUNDLE [--split SPLIT.json] [--max-train-images N] [--device auto] [--batch-size 64] [--workers auto]
+        [--flip]
 
 Refuses members trained on different held-out splits, or on held-out classes
 (leakage), naming the member and the classes. Extracts (through the descriptor
@@ -181,7 +182,7 @@ class BuildConfig:
     seed: int = 0
     device: str = "auto"
     batch_size: int = 64
-    workers: int = 0
+    workers: int | None = None             # None: backbones.extract.default_workers of the device
     flip: bool = False
     cache_dir: str | Path | None = None    # None: OUT.cache beside the bundle
     strict_split: bool = False
@@ -203,6 +204,7 @@ def build_from_paths(member_paths: Sequence[str | Path], data: str | Path, out: 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from backbones.extract import WORKERS_HELP, workers_arg
     ap = ArgumentParser(prog="python -m ensemble.build", description=__doc__)
     ap.add_argument("--members", nargs="+", required=True, metavar="RUN_OR_NPY",
                     help="backbone run folders or .npy descriptor files")
@@ -217,7 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=number(int, 0), default=0, metavar="N", help="seed of that subsample")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N, for extraction")
     ap.add_argument("--batch-size", type=number(int, 1), default=64, metavar="N", help="extraction batch size")
-    ap.add_argument("--workers", type=number(int, 0), default=0, metavar="N", help="image-decoding worker processes")
+    ap.add_argument("--workers", type=workers_arg, default="auto", metavar="N|auto", help=WORKERS_HELP)
     ap.add_argument("--flip", action="store_true", help="run members average each image with its mirror image")
     ap.add_argument("--cache-dir", type=Path, metavar="DIR",
                     help="descriptor cache (default: OUT.cache beside the bundle)")

@@ -1,9 +1,10 @@
 """On-disk descriptor cache for one member and one image set.
 
 A cache folder holds float16 chunk files (``chunk_<n>.npy``, at most ``chunk_rows``
-rows each) and a ``manifest.json`` that records the member's fingerprint, the TTA
-settings, and for every image its key (path), size, mtime and where its row lives
-(or that it was unreadable). ``cached_describe`` reuses every entry whose file is
+rows each) and a ``manifest.json`` that records the member's fingerprint, the
+extraction settings (TTA, device type, AMP dtype: any change re-extracts), and for
+every image its key (path), size, mtime and where its row lives (or that it was
+unreadable). ``cached_describe`` reuses every entry whose file is
 unchanged, extracts only new or modified images (in chunk-sized batches, each
 written as its own chunk), drops entries of images no longer asked for, and
 returns float32 descriptors in the order asked. Unreadable images are recorded and
@@ -92,7 +93,7 @@ class DescriptorCache:
             return self._empty()
         if (m.get("version") != CACHE_VERSION or m.get("fingerprint") != self.fingerprint
                 or m.get("settings") != self.settings):
-            return self._empty()  # other weights or TTA: nothing is reusable
+            return self._empty()  # other weights, TTA, device or precision: nothing is reusable
         for name in m["chunks"]:
             if not (self.folder / name).is_file():  # a chunk was lost: forget its rows
                 m["entries"] = {k: e for k, e in m["entries"].items() if e.get("chunk") != name}

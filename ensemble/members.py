@@ -2,7 +2,8 @@
 
 * ``RunMember``: a backbone run directory (``model.safetensors`` + ``config.json``),
   described with ``backbones.extract.extract_descriptors`` (injectable, for tests),
-  optionally through the on-disk descriptor cache.
+  optionally through the on-disk descriptor cache (keyed on the TTA, the device type
+  and the AMP dtype the extraction computes in).
 * ``FileMember``: precomputed descriptors made elsewhere: a ``.npy`` (n, d) plus a
   names file (``.txt`` one name per line, or ``.json`` list / ``{"names": [...]}``),
   looked up by image id ``<class>/<file>``, file name or name (file name without
@@ -93,7 +94,8 @@ class RunMember(Member):
     cache_dir: Path | None = None
     batch_size: int = 64
     device: str = "auto"
-    workers: int = 0
+    amp: str = "auto"                # see backbones.extract.autocast_dtype
+    workers: int | None = None       # None: backbones.extract.default_workers of the device
     _model: object = field(default=None, repr=False)
 
     kind = "run"
@@ -128,7 +130,7 @@ class RunMember(Member):
 
     def _extract(self, paths: Sequence[Path], progress: bool) -> tuple[np.ndarray, np.ndarray]:
         kw = dict(batch_size=self.batch_size, device=self.device, flip=self.tta.flip,
-                  scales=tuple(self.tta.scales), workers=self.workers, progress=progress)
+                  scales=tuple(self.tta.scales), workers=self.workers, amp=self.amp, progress=progress)
         if self.extractor is not None:
             return self.extractor(self.run_dir, list(paths), **kw)
         from backbones.checkpoint import load_run
@@ -142,7 +144,8 @@ class RunMember(Member):
         """Return (desc (n_ok, d) float32 unit rows in input order, ok (n,) bool).
 
         With ``cache_dir`` set, descriptors come from ``cache_dir/<name>-<fp>/<set_name>``
-        and only new or changed images are extracted.
+        and only new or changed images are extracted; descriptors cached with other TTA,
+        on another device type or in another precision are extracted again.
         """
         paths = [Path(p) for p in paths]
         if not paths:
@@ -150,10 +153,11 @@ class RunMember(Member):
         if self.cache_dir is None:
             desc, ok = self._extract(paths, progress)
             return np.asarray(desc, np.float32), np.asarray(ok, bool)
+        from backbones.extract import extraction_precision
         folder = self.cache_dir / f"{self.name}-{self.fingerprint[:12]}" / set_name
+        settings = {**self.tta.to_dict(), **extraction_precision(self.device, self.amp)}
         res = cached_describe(folder, paths, lambda ps: self._extract(ps, progress),
-                              fingerprint=self.fingerprint, settings=self.tta.to_dict(), root=root,
-                              progress=False)
+                              fingerprint=self.fingerprint, settings=settings, root=root, progress=False)
         return res.desc, res.ok
 
 
