@@ -19,7 +19,6 @@ Variants (search classes = the study's search half of the held-out classes):
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

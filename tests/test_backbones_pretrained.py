@@ -18,8 +18,14 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from backbones.model import (ArchError, PretrainedMismatch, PretrainedUnavailable, build_model, model_from_spec,
-                             resolve_arch)
+from backbones.model import (
+    ArchError,
+    PretrainedMismatch,
+    PretrainedUnavailable,
+    build_model,
+    model_from_spec,
+    resolve_arch,
+)
 from competition.cli import run_command
 
 TINY = "mobilenetv3_small_050"

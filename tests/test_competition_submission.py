@@ -1,7 +1,7 @@
 """The submission rules: validation, building, writing, local scoring; the NSML stand-in."""
 import csv
-import re
 import json
+import re
 
 import numpy as np
 import pytest
