@@ -34,12 +34,8 @@ def hsv_histogram(paths: Sequence[str | os.PathLike], bins: int = 8) -> tuple[np
 def pretrained_gem(arch: str, weights: str | os.PathLike, paths: Sequence[str | os.PathLike],
                    image_size: int = 160, **extract_kw) -> tuple[np.ndarray, np.ndarray]:
     """Return (GeM descriptors (n_ok, C) float32 unit rows, ok (n,) bool) of a pretrained body."""
-    import torch.nn as nn
-
     from backbones.extract import extract_descriptors
     from backbones.model import build_model
 
-    model = build_model(arch, embedding_dim=8, pretrained=weights, announce=False)
-    model.fc, model.bn = nn.Identity(), nn.Identity()   # the GeM-pooled body features themselves
-    model.embedding_dim = model.in_features
+    model = build_model(arch, embedding_dim=0, pretrained=weights, announce=False)   # no neck: GeM of the body
     return extract_descriptors(model, paths, config={"image_size": image_size}, **extract_kw)

@@ -23,6 +23,11 @@ GROUPS = {
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 
 
+# options that change how a run goes, not what it learns (a resumed run may change them)
+RUNTIME_ONLY = ("data", "out", "workers", "progress", "device", "val_batch_size", "resume", "stop_after_epoch",
+                "max_steps")
+
+
 class ConfigError(UserError, ValueError):
     """A training option with a value outside its range; the message names the option."""
 
@@ -47,7 +52,8 @@ class TrainConfig:
     split: str | None = option(None, "held-out split JSON to train against (default: a fresh seeded split, "
                                "saved as OUT/split.json)", "data", metavar="SPLIT.json")
     heldout_fraction: float = option(0.3, "share of the train classes held out for validation and tuning, "
-                                     "when no --split is given", "data", 0.0, 1.0)
+                                     "when no --split is given (0: train on every class, no validation)", "data",
+                                     0.0, 0.99)
     image_size: int = option(224, "side of the square training and extraction crops, in pixels", "data", 16, 4096,
                              aliases=("--img-size",))
     crop_scale: tuple[float, float] = option((0.35, 1.0), "random-resized-crop area range (min max)", "data",
@@ -67,20 +73,29 @@ class TrainConfig:
                                     "hf-hub:ORG/NAME (a timm model repo). Fetched ones go through the Hugging Face "
                                     "cache; offline: fill HF_HOME elsewhere, then HF_HUB_OFFLINE=1 (default: random "
                                     "initialisation)", "model", metavar="SOURCE")
-    embedding_dim: int = option(512, "descriptor dimension (the neck's output)", "model", 2, 65536)
+    embedding_dim: int = option(512, "descriptor dimension (the neck's output); 0: no neck, the descriptor is the "
+                                "body's GeM feature", "model", 0, 65536)
+    neck_init: str = option("auto", "the neck's initial weights: pca (from the pretrained body's GeM features on "
+                            "train images: epoch 0 is the off-the-shelf descriptor), random, or auto (pca with "
+                            "--pretrained)", "model", choices=("auto", "pca", "random"))
     freeze_bn: bool = option(False, "keep the body's BatchNorm statistics (small batches, fused pretrained "
                              "weights)", "model")
     channels_last: bool = option(False, "channels-last memory layout (faster convnets on CPU and with AMP)", "model")
     ema: float = option(0.0, "decay of an exponential moving average of the weights, validated and saved "
                         "instead (0: off)", "model", 0.0, 0.99999)
     # optimisation
-    epochs: int = option(10, "epochs to train", "optimisation", 1, 100000)
+    epochs: int = option(10, "epochs to train; 0 with --pretrained saves the network off the shelf, scored",
+                         "optimisation", 0, 100000)
+    probe_epochs: int = option(0, "first epochs with a frozen body: the neck and head learn on the pretrained "
+                               "features (a linear probe), then everything fine-tunes", "optimisation", 0, 100000)
     batch_size: int | None = option(None, "images per batch; sets P = batch size // K", "optimisation", 2, 65536)
     classes_per_batch: int = option(16, "P: classes in each batch", "optimisation", 1, 65536)
     images_per_class: int = option(4, "K: images of each class in a batch", "optimisation", 1, 1024)
     lr: float = option(1e-3, "learning rate of the neck and head (peak of the cosine schedule)", "optimisation",
                        1e-8, 10.0)
     body_lr_mult: float = option(0.1, "the body's learning rate as a multiple of --lr", "optimisation", 0.0, 10.0)
+    layer_decay: float = option(1.0, "layer-wise learning-rate decay: each body block learns at this times the "
+                                "rate of the block above it (1: one rate for the body)", "optimisation", 0.05, 1.0)
     optimizer: str = option("adamw", "optimizer", "optimisation", choices=("adamw", "sgd"))
     momentum: float = option(0.9, "SGD momentum (Nesterov)", "optimisation", 0.0, 0.9999)
     weight_decay: float = option(1e-4, "weight decay (not on biases, norms and GeM p)", "optimisation", 0.0, 1.0)
@@ -101,8 +116,8 @@ class TrainConfig:
     k: int = option(1000, "keep the checkpoint with the best held-out mAP@k", "runtime", 1, None)
     val_every: int = option(1, "validate every N epochs (and after the last)", "runtime", 1, 100000)
     val_batch_size: int = option(64, "batch size of the validation extraction", "runtime", 1, 65536)
-    val_at_start: bool = option(False, "score the initial weights as epoch 0; they can be the best checkpoint",
-                                "runtime")
+    val_at_start: bool | None = option(None, "score the initial weights as epoch 0; they can be the best "
+                                       "checkpoint (default: on with --pretrained)", "runtime")
     device: str = option("auto", "auto, cpu, cuda or cuda:N (auto: a GPU when one is visible)", "runtime",
                          metavar="DEVICE")
     amp: str = option("auto", "mixed precision (auto: bf16 on CUDA, none on CPU)", "runtime", choices=AMP_CHOICES)
@@ -131,11 +146,26 @@ class TrainConfig:
                     problems.append(f"{flag} must be a number, got {v!r}")
                 elif (low is not None and v < low) or (high is not None and v > high):
                     problems.append(f"{flag} must be {range_text(low, high)}, got {v}")
+        if self.epochs == 0 and not self.pretrained:
+            problems.append("--epochs 0 saves the initial weights: it needs --pretrained (random weights are no "
+                            "member)")
+        if self.probe_epochs and self.probe_epochs >= self.epochs and self.epochs:
+            problems.append(f"--probe-epochs {self.probe_epochs} leaves no epoch to fine-tune in --epochs "
+                            f"{self.epochs}")
         if isinstance(self.crop_scale, tuple) and len(self.crop_scale) == 2 and self.crop_scale[0] > self.crop_scale[1]:
             problems.append(f"--crop-scale: min {self.crop_scale[0]} is above max {self.crop_scale[1]}")
         if problems:
             raise ConfigError("; ".join(problems))
         return self
+
+    @property
+    def scores_start(self) -> bool:
+        """Whether the initial weights are scored as epoch 0 (``val_at_start``, auto: with --pretrained)."""
+        return bool(self.pretrained) if self.val_at_start is None else self.val_at_start
+
+    def result_options(self) -> dict:
+        """The options that decide what a run learns (``to_dict`` without ``RUNTIME_ONLY``)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}
 
     def to_dict(self) -> dict:
         """JSON-friendly dict (tuples as lists)."""

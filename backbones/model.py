@@ -116,7 +116,11 @@ class ModelSpec:
 
 
 class RetrievalNet(nn.Module):
-    """timm body + GeM + Linear/BatchNorm1d neck; ``forward`` returns (B, embedding_dim) unit vectors."""
+    """timm body + GeM + Linear/BatchNorm1d neck; ``forward`` returns (B, embedding_dim) unit vectors.
+
+    ``spec.embedding_dim`` 0 means no neck: the descriptor is the GeM-pooled body feature itself
+    (the network off the shelf), and ``embedding_dim`` is the body's feature width.
+    """
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -125,9 +129,16 @@ class RetrievalNet(nn.Module):
                                                                       "global_pool": ""})
         self.in_features = int(self.body.num_features)
         self.gem = GeM(spec.gem_p)
-        self.fc = nn.Linear(self.in_features, spec.embedding_dim, bias=False)
-        self.bn = nn.BatchNorm1d(spec.embedding_dim)
-        self.embedding_dim = spec.embedding_dim
+        if spec.embedding_dim:
+            self.fc = nn.Linear(self.in_features, spec.embedding_dim, bias=False)
+            self.bn = nn.BatchNorm1d(spec.embedding_dim)
+        else:
+            self.fc, self.bn = nn.Identity(), nn.Identity()
+        self.embedding_dim = spec.embedding_dim or self.in_features
+
+    @property
+    def has_neck(self) -> bool:
+        return isinstance(self.fc, nn.Linear)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Body feature map (B, C, H, W); token outputs (B, N, C) become (B, C, N, 1)."""

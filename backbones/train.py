@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 import random
 import sys
@@ -43,8 +42,10 @@ from backbones.config import ConfigError, TrainConfig, parse_args
 from backbones.extract import autocast_dtype, extract_descriptors, runtime_line, search_scores, torch_device
 from backbones.heads import MetricLoss, make_head
 from backbones.model import RetrievalNet, build_model
+from backbones.optim import param_groups, schedules
 from backbones.sampler import PKSampler
 from backbones.transforms import AugmentConfig, TrainDataset, train_collate, train_transform
+from backbones.warm_start import gem_features, init_neck_from_features
 from competition.cli import run_command
 from competition.data import scan_train
 from competition.metrics import file_keys
@@ -164,24 +165,19 @@ def _wrap_ddp(net: nn.Module, device: torch.device, image_size: int, channels_la
                                    find_unused_parameters=bool(unused))
 
 
-def _param_groups(model: RetrievalNet, loss: nn.Module, lr: float, body_mult: float, wd: float) -> list[dict]:
-    """Body at lr*body_mult, neck/GeM/head at lr; no weight decay on 1-d tensors (biases, norms, p)."""
-    body, neck = model.param_groups()
-    groups = []
-    for params, group_lr in ((body, lr * body_mult), (neck + list(loss.parameters()), lr)):
-        decay = [p for p in params if p.ndim >= 2 and p.requires_grad]
-        no_decay = [p for p in params if p.ndim < 2 and p.requires_grad]
-        groups += [{"params": decay, "lr": group_lr, "weight_decay": wd},
-                   {"params": no_decay, "lr": group_lr, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+NECK_PCA_IMAGES = 1024   # train images whose body features initialise a pretrained member's neck
 
 
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return f
+def _neck_from_pca(cfg: TrainConfig, model: RetrievalNet) -> bool:
+    return model.has_neck and (cfg.neck_init == "pca" or (cfg.neck_init == "auto" and bool(cfg.pretrained)))
+
+
+def _changed_options(saved: dict | None, now: dict) -> list[str]:
+    """``name saved -> now`` for the learning options a resumed run would change (older states: none)."""
+    if saved is None:
+        return []
+    return [f"--{k.replace('_', '-')} {saved.get(k)} -> {now.get(k)}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
 
 
 def _get_split(cfg: TrainConfig, index, run_dir: Path, is_main: bool) -> HeldoutSplit:
@@ -234,6 +230,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     p = cfg.batch_size // k if cfg.batch_size else cfg.classes_per_batch
     amp_dtype = autocast_dtype(cfg.amp, device)
     index = scan_train(cfg.data)   # a wrong --data fails before --out is created
+    if not cfg.resume and (ckpt.is_run(run_dir) or ckpt.can_resume(run_dir)):
+        raise ConfigError(f"--out {run_dir} already holds a run: pass --resume to continue it, or choose "
+                          "another --out (or delete it)")
     run_dir.mkdir(parents=True, exist_ok=True)
     split = _get_split(cfg, index, run_dir, is_main)
     train_index = index.subset(split.train_classes)
@@ -242,16 +241,23 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     labels = [class_idx[c] for c in train_index.labels]
     id_to_path = dict(zip(index.ids, index.paths))
 
+    has_val = bool(split.query_ids)   # no held-out classes (a final refit): keep the last epoch
+
     _seed_all(cfg.seed)
     model = build_model(cfg.arch, cfg.embedding_dim, cfg.pretrained, announce=is_main)
-    loss = MetricLoss(make_head(cfg.head, cfg.embedding_dim, len(classes), cfg.scale, cfg.margin),
+    loss = MetricLoss(make_head(cfg.head, model.embedding_dim, len(classes), cfg.scale, cfg.margin),
                       cfg.triplet_weight, cfg.triplet_margin)
     net = TrainNet(model, loss).to(device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
         model._channels_last = True
+    if _neck_from_pca(cfg, model) and not (cfg.resume and ckpt.can_resume(run_dir)):
+        sample = np.random.default_rng(cfg.seed).permutation(len(train_index))[:NECK_PCA_IMAGES]
+        feats = gem_features(model, [train_index.paths[i] for i in sorted(sample)], cfg.image_size, device,
+                             cfg.val_batch_size, cfg.workers)
+        say(init_neck_from_features(model, feats))
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema > 0 else None
-    groups = _param_groups(model, loss, cfg.lr, cfg.body_lr_mult, cfg.weight_decay)
+    groups = param_groups(model, loss, cfg.lr, cfg.body_lr_mult, cfg.weight_decay, cfg.layer_decay)
     if cfg.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     else:  # sgd (TrainConfig.check allows no other)
@@ -259,12 +265,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     sampler = PKSampler(labels, p, k, seed=cfg.seed, rank=rank, world_size=world)
     steps_per_epoch = max(1, len(sampler) // cfg.grad_accum)
     total = steps_per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(int(cfg.warmup_epochs * steps_per_epoch), total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules(
+        groups, int(cfg.warmup_epochs * steps_per_epoch), total, cfg.probe_epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     spec = model.spec.to_dict()
     run_cfg = {"format": 1, "arch": spec["arch"], "arch_requested": cfg.arch, "image_size": cfg.image_size,
-               "crop_pct": cfg.crop_pct, "embedding_dim": cfg.embedding_dim, "mean": spec["mean"],
+               "crop_pct": cfg.crop_pct, "embedding_dim": model.embedding_dim, "mean": spec["mean"],
                "std": spec["std"], "model": spec, "head": cfg.head, "scale": cfg.scale, "margin": cfg.margin,
                "split_hash": split.hash, "split_file": ckpt.SPLIT_FILE, "train_classes": list(classes), "classes": list(classes),
                "n_train_images": len(train_index), "pretrained": cfg.pretrained, "ema": cfg.ema,
@@ -279,7 +285,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             net_state, st = got
             if st["split_hash"] != split.hash or st["arch"] != spec["arch"]:
                 raise ConfigError(f"--resume: {run_dir} holds a run of {st['arch']} on split {st['split_hash']}, "
-                                 f"not {spec['arch']} on split {split.hash}")
+                                  f"not {spec['arch']} on split {split.hash}")
+            changed = _changed_options(st.get("options"), cfg.result_options())
+            if changed:
+                raise ConfigError(f"--resume: {run_dir} was trained with other options ({'; '.join(changed)}): "
+                                  "resume with the same ones, or train into another --out")
             net.load_state_dict(net_state)
             optimizer.load_state_dict(st["optimizer"])
             scheduler.load_state_dict(st["scheduler"])
@@ -290,7 +300,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             ckpt.set_rng_state(st["rng"])
             start_epoch, best, step, bad = st["epoch"], st["best"], st["step"], dict(st["bad_images"])
             rows = [r for r in ckpt.read_log(run_dir) if r["epoch"] <= start_epoch]
-            say(f"resuming {run_dir} after epoch {start_epoch} (step {step}, best mAP@{cfg.k} {best:.4f})")
+            say(f"resuming {run_dir} after epoch {start_epoch} (step {step}"
+                + (f", best mAP@{cfg.k} {best:.4f})" if best is not None and best >= 0 else ")"))
 
     ddp = _wrap_ddp(net, device, cfg.image_size, cfg.channels_last) if world > 1 else net
     aug = AugmentConfig(tuple(cfg.crop_scale), cfg.hflip, cfg.color_jitter)
@@ -304,19 +315,27 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         f"held-out {len(split.heldout_classes)} classes (split {split.hash}); P={p} K={k} x {world} rank(s), "
         f"{steps_per_epoch} steps/epoch; {runtime_line(device, amp_dtype)}")
     speed, epoch, stopped = 0.0, start_epoch, False
-    if cfg.val_at_start and start_epoch == 0 and is_main:
-        val0 = validate(ema if ema is not None else model, run_cfg, split, id_to_path, cfg, device)
-        say(f"epoch 0 (initial weights): held-out {_val_line(val0, cfg.k)}")
-        best = val0["map_at_k"]
+    if start_epoch == 0 and is_main and (cfg.scores_start or cfg.epochs == 0):
+        val0 = validate(ema if ema is not None else model, run_cfg, split, id_to_path, cfg, device) if has_val \
+            else None
+        if val0 is not None:
+            say(f"epoch 0 (initial weights): held-out {_val_line(val0, cfg.k)}")
+            best = val0["map_at_k"]
         ckpt.save_weights(run_dir / ckpt.WEIGHTS_FILE, (ema if ema is not None else model).state_dict())
-        ckpt.write_config(run_dir, {**run_cfg, "epoch": 0, "metrics": file_keys(val0, cfg.k)})
-        rows = [{"epoch": 0, "step": 0, "loss": None, "lr": None, "img_per_s": None, "val": file_keys(val0, cfg.k)}]
+        metrics = None if val0 is None else file_keys(val0, cfg.k)
+        ckpt.write_config(run_dir, {**run_cfg, "epoch": 0, "metrics": metrics})
+        rows = [{"epoch": 0, "step": 0, "loss": None, "lr": None, "img_per_s": None, "val": metrics}]
         ckpt.write_log(run_dir, rows, cfg.k)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         _seed_all(_rank_seed(cfg.seed, epoch, rank))
         gen.manual_seed(_rank_seed(cfg.seed, epoch, rank))
         sampler.set_epoch(epoch)
         ddp.train()
+        probing = epoch <= cfg.probe_epochs
+        if probing:   # a linear probe: the body is frozen, BatchNorm statistics included
+            model.body.eval()
+        if world == 1:   # (DDP keeps every parameter trainable; the body's lr is 0 while probing)
+            model.body.requires_grad_(not probing)
         if cfg.freeze_bn:
             for m in model.body.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -371,7 +390,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
                "lr": scheduler.get_last_lr()[-1], "img_per_s": speed, "val": None}
         if is_main:
             eval_model = ema if ema is not None else model
-            if epoch % cfg.val_every == 0 or epoch == cfg.epochs or stop_now:
+            if not has_val:
+                ckpt.save_weights(run_dir / ckpt.WEIGHTS_FILE, eval_model.state_dict())
+                ckpt.write_config(run_dir, {**run_cfg, "epoch": epoch, "metrics": None})
+            elif epoch % cfg.val_every == 0 or epoch == cfg.epochs or stop_now:
                 val = validate(eval_model, run_cfg, split, id_to_path, cfg, device)
                 row["val"] = file_keys(val, cfg.k)
                 if val["map_at_k"] > best:
@@ -380,6 +402,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
                     ckpt.write_config(run_dir, {**run_cfg, "epoch": epoch, "metrics": row["val"]})
             ckpt.save_last(run_dir, net.state_dict(), {
                 "epoch": epoch, "step": step, "best": best, "arch": spec["arch"], "split_hash": split.hash,
+                "options": cfg.result_options(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "sampler": sampler.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None, "rng": ckpt.rng_state(),
@@ -398,8 +421,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         bad = {kk: v for g in gathered for kk, v in g.items()}
     if bad:
         say(f"{len(bad)} unreadable training images skipped, e.g. {list(bad)[:3]}")
-    say(f"done: epoch {epoch}, best held-out mAP@{cfg.k} {best:.4f}; weights in {run_dir / ckpt.WEIGHTS_FILE}")
-    return {"run_dir": str(run_dir), "epoch": epoch, "best": best, "bad_images": len(bad), "images_per_s": speed}
+    say(f"done: epoch {epoch}, " + (f"best held-out mAP@{cfg.k} {best:.4f}" if has_val else
+                                    "no held-out classes: the last epoch's weights")
+        + f"; weights in {run_dir / ckpt.WEIGHTS_FILE}")
+    return {"run_dir": str(run_dir), "epoch": epoch, "best": best if has_val else None, "bad_images": len(bad),
+            "images_per_s": speed}
 
 
 def main(argv: list[str] | None = None) -> int:

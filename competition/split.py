@@ -101,7 +101,8 @@ def make_split(
 ) -> HeldoutSplit:
     """Split the classes of ``index`` into train and held-out.
 
-    ``heldout``: a fraction in (0, 1) of the eligible classes, or an integer count.
+    ``heldout``: a fraction in [0, 1) of the eligible classes, or an integer count; 0 holds out
+    nothing (every class trains: a final refit).
     ``query_fraction``: share of each held-out class's images used as queries
     (at least one query and one reference per class).
     Returns a deterministic ``HeldoutSplit`` for a given index and seed.
@@ -112,9 +113,13 @@ def make_split(
     for img_id, label in zip(index.ids, index.labels):
         by_class.setdefault(label, []).append(img_id)
     eligible = sorted(c for c, ids in by_class.items() if len(ids) >= 2)
+    if heldout == 0:   # every class trains (a final refit): no held-out classes
+        return HeldoutSplit(train_classes=tuple(sorted(by_class)), heldout_classes=(), query_ids=(),
+                            reference_ids=(), seed=seed,
+                            rule={"heldout": heldout, "query_fraction": query_fraction, "min_images": 2})
     if isinstance(heldout, float) and not isinstance(heldout, bool) and heldout < 1.0:
-        if heldout <= 0.0:
-            raise SplitError(f"held-out fraction must be in (0, 1), got {heldout}")
+        if heldout < 0.0:
+            raise SplitError(f"held-out fraction must be in [0, 1), got {heldout}")
         n_heldout = max(1, int(round(heldout * len(eligible))))
     else:
         n_heldout = int(heldout)
