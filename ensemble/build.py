@@ -45,6 +45,7 @@ class BuildOptions:
     seed: int = 0
     allow_unknown_split: bool = True   # members that do not declare a split: warn instead of refuse
     progress: bool = True
+    refit_of: dict | None = None       # a final refit: {"split", "members", "post"} it was tuned with
 
 
 @dataclass
@@ -68,8 +69,21 @@ class BuildSummary:
                 f"{len(self.unreadable)} unreadable, {self.seconds:.1f} s")
 
 
-def check_members(members: Sequence[Member], split: HeldoutSplit, allow_unknown_split: bool = True) -> list[str]:
-    """Raise ``MemberCheckError`` for split mismatches or leakage; return warnings for unknowns."""
+def check_members(members: Sequence[Member], split: HeldoutSplit, allow_unknown_split: bool = True,
+                  refit: bool = False) -> list[str]:
+    """Raise ``MemberCheckError`` for split mismatches or leakage; return warnings for unknowns.
+
+    ``refit``: the deliberate mixing of a final refit, whose members must instead have been
+    trained on every class of the split (train and held-out ones).
+    """
+    if refit:
+        every = set(split.train_classes) | set(split.heldout_classes)
+        missing = {m.name: sorted(every - set(m.train_classes or ())) for m in members}
+        errors = [f"member {n} was not trained on every class (a refit member must be): {len(c)} missing, "
+                  f"e.g. {c[:5]}" for n, c in missing.items() if c]
+        if errors:
+            raise MemberCheckError("refusing to build a refit: " + "; ".join(errors))
+        return []
     notes, errors = [], []
     for m in members:
         if m.split_hash is None:
@@ -111,9 +125,13 @@ def find_split(members: Sequence[Member], split_file: str | Path | None) -> Held
     raise MemberCheckError("no held-out split: pass --split SPLIT.json (the split the members were trained on)")
 
 
-def train_ids_for(data: Path, split: HeldoutSplit, max_images: int | None, seed: int) -> list[str]:
-    """Image ids of the split's train classes (a seeded subsample of ``max_images`` when given)."""
-    index = scan_train(data).subset(split.train_classes)
+def train_ids_for(data: Path, split: HeldoutSplit, max_images: int | None, seed: int,
+                  every_class: bool = False) -> list[str]:
+    """Image ids of the split's train classes (of every class with ``every_class``: a refit), a seeded
+    subsample of ``max_images`` when given."""
+    index = scan_train(data)
+    if not every_class:
+        index = index.subset(split.train_classes)
     ids = list(index.ids)
     if max_images is not None and len(ids) > max_images:
         rng = np.random.default_rng(seed)
@@ -151,11 +169,15 @@ def build_bundle(members: Sequence[Member], data: str | Path, split: HeldoutSpli
     t0 = time.time()
     opt = options or BuildOptions()
     data = Path(data)
-    check_members(members, split, opt.allow_unknown_split)
+    refit = opt.refit_of is not None
+    if refit and opt.refit_of.get("split") != split.hash:
+        raise MemberCheckError(f"refusing to build a refit: its post-processing was tuned on split "
+                               f"{opt.refit_of.get('split')}, not on {split.hash}")
+    check_members(members, split, opt.allow_unknown_split, refit=refit)
     if opt.weights is not None:
         normalize_weights(opt.weights, len(members))  # raises on a wrong count or bad values
     ids = {"query": list(split.query_ids), "reference": list(split.reference_ids),
-           "train": train_ids_for(data, split, opt.max_train_images, opt.seed)}
+           "train": train_ids_for(data, split, opt.max_train_images, opt.seed, every_class=refit)}
     kept, descs, unreadable = describe_sets(members, data, ids, opt.progress)
     for s in ("query", "reference", "train"):
         if not kept[s]:
@@ -164,7 +186,8 @@ def build_bundle(members: Sequence[Member], data: str | Path, split: HeldoutSpli
         warnings.warn(f"{len(unreadable)} images left out of the bundle (unreadable for some member), "
                       f"e.g. {unreadable[:3]}", stacklevel=2)
     post = PostProcessing(weights=None if opt.weights is None else [float(w) for w in opt.weights])
-    bundle = Bundle.from_members(members, split, kept, descs, post)
+    provenance = {"refit": True, "tuned_on": dict(opt.refit_of)} if refit else {"refit": False}
+    bundle = Bundle.from_members(members, split, kept, descs, post, provenance)
     bundle.save(out)
     summary = BuildSummary(Path(out), [m.name for m in members], [int(d["train"].shape[1]) for d in descs],
                            split.hash, len(kept["train"]), len(kept["query"]), len(kept["reference"]),
@@ -187,6 +210,7 @@ class BuildConfig:
     cache_dir: str | Path | None = None    # None: OUT.cache beside the bundle
     strict_split: bool = False
     progress: bool = True
+    refit_of: dict | None = None           # a final refit (see BuildOptions)
 
 
 def build_from_paths(member_paths: Sequence[str | Path], data: str | Path, out: str | Path,
@@ -200,7 +224,7 @@ def build_from_paths(member_paths: Sequence[str | Path], data: str | Path, out: 
     split = find_split(members, cfg.split)
     return build_bundle(members, data, split, out, BuildOptions(
         weights=cfg.weights, max_train_images=cfg.max_train_images, seed=cfg.seed,
-        allow_unknown_split=not cfg.strict_split, progress=cfg.progress))
+        allow_unknown_split=not cfg.strict_split, progress=cfg.progress, refit_of=cfg.refit_of))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -3,7 +3,11 @@
     BUNDLE/manifest.json               format version, package versions, created time,
                                        sha256 of every other file (relative paths)
     BUNDLE/ensemble.json               member specs (name, kind, folder, dim, fingerprint,
-                                       split_hash, train_classes, TTA)
+                                       split_hash, train_classes, TTA) and the provenance:
+                                       {"refit": false}, or for a final refit {"refit": true,
+                                       "tuned_on": {"split", "members", "post"}}: the post-
+                                       processing was tuned on split S with members M, then
+                                       the members were retrained on every class
     BUNDLE/postprocessing.json         PostProcessing.to_dict() (member weights included)
     BUNDLE/whitening.safetensors       Whitening.to_arrays() (only when whitening is on)
     BUNDLE/split.json                  the held-out split it was tuned on
@@ -137,11 +141,13 @@ class Bundle:
     whitening: Whitening | None = None
     path: Path | None = None
     created: str | None = None
+    provenance: dict = field(default_factory=lambda: {"refit": False})
 
     # -- construction -----------------------------------------------------------
     @classmethod
     def from_members(cls, members: Sequence[Member], split: HeldoutSplit, ids: dict[str, Sequence[str]],
-                     descriptors: Sequence[dict[str, np.ndarray]], post: PostProcessing | None = None) -> "Bundle":
+                     descriptors: Sequence[dict[str, np.ndarray]], post: PostProcessing | None = None,
+                     provenance: dict | None = None) -> "Bundle":
         """Assemble a bundle from members and their per-set descriptors (stored as float16)."""
         names = [m.name for m in members]
         if len(set(names)) != len(names):
@@ -149,7 +155,8 @@ class Bundle:
         specs = [{**m.spec(), "folder": _folder_name(i, m.name)} for i, m in enumerate(members)]
         descs = [{s: np.asarray(d[s], dtype=np.float16) for s in SETS} for d in descriptors]
         bundle = cls(specs, [dict(m.files()) for m in members], split,
-                     {s: [str(i) for i in ids[s]] for s in SETS}, descs, post or PostProcessing())
+                     {s: [str(i) for i in ids[s]] for s in SETS}, descs, post or PostProcessing(),
+                     provenance=dict(provenance or {"refit": False}))
         bundle._check()
         return bundle
 
@@ -179,6 +186,11 @@ class Bundle:
             raise BundleError(f"{at}{len(self.member_specs)} members but {len(w)} weights")
 
     @property
+    def is_refit(self) -> bool:
+        """True for a final refit: its members learnt the held-out classes (no honest held-out score)."""
+        return bool(self.provenance.get("refit"))
+
+    @property
     def member_names(self) -> list[str]:
         return [s["name"] for s in self.member_specs]
 
@@ -193,7 +205,8 @@ class Bundle:
                 fsync(folder / fname)  # (the files written below are fsynced by atomic_path)
             _save_arrays(root / "descriptors" / f"{spec['folder']}.safetensors", descs)
         atomic_write_json(root / "descriptors" / "ids.json", self.ids)
-        atomic_write_json(root / "ensemble.json", {"format_version": FORMAT_VERSION, "members": self.member_specs})
+        atomic_write_json(root / "ensemble.json", {"format_version": FORMAT_VERSION, "members": self.member_specs,
+                                                   "provenance": self.provenance})
         atomic_write_json(root / "postprocessing.json", self.post.to_dict())
         self.split.save(root / "split.json")
         if self.whitening is not None:
@@ -280,7 +293,8 @@ class Bundle:
             if rel not in listed:
                 raise BundleError(f"{path}: missing file {rel} (not listed in {MANIFEST})")
         try:
-            specs = json.loads((path / "ensemble.json").read_text())["members"]
+            ensemble = json.loads((path / "ensemble.json").read_text())
+            specs, provenance = ensemble["members"], dict(ensemble.get("provenance") or {"refit": False})
             post = PostProcessing.from_dict(json.loads((path / "postprocessing.json").read_text()))
             split = HeldoutSplit.load(path / "split.json")
             ids = json.loads((path / "descriptors" / "ids.json").read_text())
@@ -305,7 +319,8 @@ class Bundle:
                          if "whitening.safetensors" in listed else None)
             sources = [{rel[len(f"members/{f}/"):]: path / rel for rel in sorted(listed)
                         if rel.startswith(f"members/{f}/")} for f in folders]
-            bundle = cls(specs, sources, split, ids, descs, post, whitening, path, manifest.get("created"))
+            bundle = cls(specs, sources, split, ids, descs, post, whitening, path, manifest.get("created"),
+                         provenance)
             bundle._check(path)
         except BundleError:
             raise

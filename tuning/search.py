@@ -236,6 +236,9 @@ def tune_bundle(bundle_path: str | os.PathLike, config: SearchConfig, storage: s
         from ensemble.bundle import Bundle
         load_bundle = Bundle.load
     bundle = load_bundle(str(bundle_path))
+    if getattr(bundle, "is_refit", False):
+        raise UserError(f"{bundle_path}: a refit bundle (its members learnt the held-out classes) cannot be "
+                        "tuned honestly: tune the bundle it was refit from")
     out = tuning_dir(bundle_path)
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
