@@ -11,11 +11,20 @@ from pathlib import Path
 
 import optuna
 import pytest
-from _tuning_data import save_heldout
+from _tuning_data import make_heldout, save_heldout
 from optuna.trial import TrialState
 
 from tuning.objective import DEFAULTS_ATTR, WORKER_ATTR, default_params
-from tuning.search import SearchConfig, main, open_storage, recover_stale_trials, run_search
+from tuning.search import (
+    MIN_SEARCH_QUERIES,
+    SearchConfig,
+    main,
+    open_storage,
+    recover_stale_trials,
+    run_search,
+    split_halves,
+    split_warnings,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,7 +253,6 @@ def test_a_study_on_three_heldout_classes_completes_and_writes_its_result(tmp_pa
     import types
 
     import tuning.search as search_mod
-    from _tuning_data import make_heldout
     tiny = make_heldout(n_classes=3, nq_per=1, nr_per=2)
     monkeypatch.setattr(search_mod, "heldout_set", lambda bundle: tiny)
     monkeypatch.setitem(sys.modules, "ensemble.bundle", types.SimpleNamespace(Bundle=FakeBundle))
@@ -267,9 +275,6 @@ def test_a_study_on_three_heldout_classes_completes_and_writes_its_result(tmp_pa
 
 
 def test_split_warnings_say_when_the_search_half_cannot_inform(tuning_heldout):
-    from _tuning_data import make_heldout
-
-    from tuning.search import MIN_SEARCH_QUERIES, split_halves, split_warnings
     small = split_halves(tuning_heldout)[0]  # 6 classes x 3 queries
     assert len(small.query_labels) < MIN_SEARCH_QUERIES
     [few] = split_warnings(small, [0.5, 0.7])

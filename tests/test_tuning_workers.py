@@ -10,7 +10,7 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-import tuning.workers as workers
+from tuning import workers
 from tuning.objective import _budget_reached
 from tuning.search import SearchConfig, run_search
 from tuning.workers import (
