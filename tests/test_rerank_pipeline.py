@@ -64,3 +64,38 @@ def test_cuda_request_falls_back_with_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         np.testing.assert_array_equal(i, rerank(x[:10], x[10:], top_k=5)[1])
+
+
+def test_parameters_too_large_for_the_set_are_clamped_with_one_warning():
+    """A tuned recipe (k1 = 33, ...) on 2 queries + 4 references: ranked, not refused."""
+    x = clustered(6, d=8, seed=6)
+    q, r = x[:2], x[2:]
+    p = RerankParams(dba_n=10, aqe_n=7, use_kreciprocal=True, k1=33, k2=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scores, idx = rerank(q, r, p, top_k=1000)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    for note in ("k1 33 -> 5", "k2 6 -> 5", "dba_n 10 -> 4", "aqe_n 7 -> 4", "2 queries + 4 references"):
+        assert note in message
+    r2 = database_augmentation(r, 4, 3.0)
+    dist, idx2 = k_reciprocal(alpha_query_expansion(q, r2, 4, 3.0), r2, 5, 5, 0.3)
+    np.testing.assert_array_equal(idx, idx2)
+    np.testing.assert_allclose(scores, -dist)
+    with pytest.raises(ValueError, match="k1 must be <= 5"):  # k_reciprocal keeps its contract
+        k_reciprocal(q, r, 33, 5)
+
+
+def test_fit_params_to_set_touches_only_what_the_set_cannot_take():
+    from rerank.pipeline import fit_params_to_set
+    p = RerankParams(dba_n=4, aqe_n=2, use_kreciprocal=True, k1=9, k2=3)
+    assert fit_params_to_set(p, 5, 5) == (p, [])
+    off = RerankParams(use_kreciprocal=False, k1=40)  # k1 unused: left alone, no note
+    assert fit_params_to_set(off, 1, 3) == (off, [])
+    fitted, notes = fit_params_to_set(p, 1, 3)
+    assert fitted == RerankParams(dba_n=3, aqe_n=2, use_kreciprocal=True, k1=3, k2=3) and notes == ["dba_n 4 -> 3",
+                                                                                                   "k1 9 -> 3"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing clamped: no warning
+        x = clustered(10, d=8, seed=7)
+        rerank(x[:5], x[5:], p)

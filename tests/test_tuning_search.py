@@ -11,31 +11,60 @@ from pathlib import Path
 
 import optuna
 import pytest
-from _tuning_data import save_heldout
+from _tuning_data import make_heldout, save_heldout
 from optuna.trial import TrialState
 
 from tuning.objective import DEFAULTS_ATTR, WORKER_ATTR, default_params
-from tuning.search import SearchConfig, main, recover_stale_trials, run_search
+from tuning.search import (
+    MIN_SEARCH_QUERIES,
+    SearchConfig,
+    main,
+    open_storage,
+    recover_stale_trials,
+    run_search,
+    split_halves,
+    split_warnings,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ROOT = Path(__file__).resolve().parents[1]
 
 # A worker process: loads the held-out .npz, optionally slows each evaluation down, waits for a
 # "go" file (so several workers start together), then runs run_search on the shared storage.
+# kill "created:N" dies (os._exit) the instant the N-th trial of this worker exists, before the
+# objective runs; "marked:N" dies as the N-th write of the worker attribute begins.
 WORKER = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     from pathlib import Path
     import optuna
     import tuning.objective as obj
     from _tuning_data import load_heldout
     from tuning.search import SearchConfig, run_search
-    npz, storage, n_trials, seed, delay, go = sys.argv[1:7]
+    npz, storage, n_trials, seed, delay, go, kill = sys.argv[1:8]
     h = load_heldout(npz)
     slow = obj.evaluate
     def evaluate(*a, **k):
         time.sleep(float(delay))
         return slow(*a, **k)
     obj.evaluate = evaluate
+    point, _, at = kill.partition(":")
+    calls = [0]
+    def count():
+        calls[0] += 1
+        if calls[0] == int(at):
+            os._exit(9)
+    if point == "created":
+        init = optuna.trial.Trial.__init__
+        def created(self, *a, **k):
+            init(self, *a, **k)
+            count()
+        optuna.trial.Trial.__init__ = created
+    for cls in (optuna.storages.RDBStorage, optuna.storages.JournalStorage):
+        def marked(self, trial_id, key, value, _set=cls.set_trial_user_attr):
+            if point == "marked" and key == obj.WORKER_ATTR:
+                count()
+            _set(self, trial_id, key, value)
+        cls.set_trial_user_attr = marked
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print("ready", flush=True)
     while go != "-" and not Path(go).exists():
@@ -44,7 +73,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _worker(tmp_path, heldout, storage, n_trials, seed, delay=0.0, go="-"):
+def _worker(tmp_path, heldout, storage, n_trials, seed, delay=0.0, go="-", kill="-:0"):
     npz = tmp_path / "heldout.npz"
     if not npz.exists():
         save_heldout(heldout, npz)
@@ -52,7 +81,7 @@ def _worker(tmp_path, heldout, storage, n_trials, seed, delay=0.0, go="-"):
     script.write_text(WORKER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     return subprocess.Popen([sys.executable, str(script), str(npz), storage, str(n_trials), str(seed),
-                             str(delay), str(go)], env=env, stdout=subprocess.PIPE, text=True)
+                             str(delay), str(go), kill], env=env, stdout=subprocess.PIPE, text=True)
 
 
 def _states(study):
@@ -81,7 +110,7 @@ def test_stale_running_trial_of_a_dead_worker_is_failed_and_requeued(tuning_held
     run_search(tuning_heldout, SearchConfig(n_trials=3), storage=storage, study_name="s")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    study = optuna.load_study(study_name="s", storage=run_search.__globals__["open_storage"](storage))
+    study = optuna.load_study(study_name="s", storage=open_storage(storage))
     trial = study.ask()
     trial.suggest_int("dba_n", 0, 10)
     trial.set_user_attr(WORKER_ATTR, f"{os.uname().nodename}:{dead.pid}")
@@ -126,6 +155,29 @@ def test_killed_worker_process_resumes_with_no_trial_lost(tuning_heldout, tmp_pa
     assert killed[0].params.items() <= retried[0].params.items()
 
 
+@pytest.mark.parametrize("storage,kill,killed_number", [
+    ("sqlite", "created:4", 3),   # a fresh trial, killed before its objective starts
+    ("journal", "marked:1", 0),   # the queued defaults trial, RUNNING but its worker not yet written
+])
+def test_worker_killed_as_a_trial_starts_resumes_with_exactly_n_complete(tuning_heldout, tmp_path, storage,
+                                                                         kill, killed_number):
+    url = f"sqlite:///{tmp_path}/study.db" if storage == "sqlite" else f"journal:{tmp_path}/journal.log"
+    proc = _worker(tmp_path, tuning_heldout, url, n_trials=6, seed=0, kill=kill)
+    assert proc.wait(timeout=120) == 9
+    study = optuna.load_study(study_name="s", storage=open_storage(url))
+    running = [t for t in study.get_trials() if t.state == TrialState.RUNNING]
+    assert [t.number for t in running] == [killed_number] and not running[0].params
+    assert sum(t.state == TrialState.COMPLETE for t in study.get_trials()) == killed_number
+    r = run_search(tuning_heldout, SearchConfig(n_trials=6, seed=1), storage=url, study_name="s")
+    assert r.n_complete == 6 and TrialState.RUNNING not in _states(r.study)
+    assert r.study.trials[killed_number].state == TrialState.FAIL
+    retried = [t for t in r.study.trials if t.user_attrs.get("retry_of") == killed_number]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    if killed_number == 0:  # the defaults trial is re-run with the defaults, still marked as such
+        assert retried[0].params == default_params(["a", "b"], SearchConfig().space)
+        assert retried[0].user_attrs[DEFAULTS_ATTR] and r.defaults_value == retried[0].value
+
+
 def test_two_worker_processes_share_one_journal_and_complete_n_trials(tuning_heldout, tmp_path):
     storage, go, n = f"journal:{tmp_path}/journal.log", tmp_path / "go", 12
     procs = [_worker(tmp_path, tuning_heldout, storage, n, seed, delay=0.3, go=go) for seed in (1, 2)]
@@ -134,7 +186,7 @@ def test_two_worker_processes_share_one_journal_and_complete_n_trials(tuning_hel
     go.touch()
     for p in procs:
         assert p.wait(timeout=120) == 0
-    study = optuna.load_study(study_name="s", storage=run_search.__globals__["open_storage"](storage))
+    study = optuna.load_study(study_name="s", storage=open_storage(storage))
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(complete) == n
     assert len({t.user_attrs[WORKER_ATTR] for t in complete}) == 2  # both workers contributed
@@ -194,3 +246,42 @@ def test_cli_on_a_real_bundle(ens_env):
     assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 6
     from tuning.objective import SearchSpace, post_from_params
     assert best == post_from_params(study.best_trial.params, ["a", "b"], SearchSpace())
+
+
+def test_a_study_on_three_heldout_classes_completes_and_writes_its_result(tmp_path, monkeypatch, capsys):
+    """3 classes: the search half has 2 queries + 4 references, the check half 1 + 2. The forced
+    trial's k1 = 5 fits the search half only: the check half clamps it instead of failing."""
+    import types
+
+    import tuning.search as search_mod
+    tiny = make_heldout(n_classes=3, nq_per=1, nr_per=2)
+    monkeypatch.setattr(search_mod, "heldout_set", lambda bundle: tiny)
+    monkeypatch.setitem(sys.modules, "ensemble.bundle", types.SimpleNamespace(Bundle=FakeBundle))
+    url = f"sqlite:///{tmp_path}/study.db"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    study.enqueue_trial({"weight_a": 1.0, "weight_b": 1.0, "whiten": False, "dba_n": 0, "aqe_n": 0,
+                         "kreciprocal": True, "k1": 5, "k2": 5, "lambda_value": 0.3})
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    with pytest.warns(UserWarning, match=r"k1 5 -> 2, k2 5 -> 2 for 1 queries \+ 2 references"):
+        assert main(["--bundle", str(bundle), "--trials", "1", "--storage", url, "--study", "s", "--no-report"]) == 0
+    assert "warning(s) above" in capsys.readouterr().out
+    saved = json.loads((bundle / "postprocessing.json").read_text())["rerank"]
+    assert saved["use_kreciprocal"] and (saved["k1"], saved["k2"]) == (5, 5)
+    with pytest.warns(UserWarning, match="k1 5 -> 2"):  # the finished study, resumed: nothing runs
+        r = run_search(tiny, SearchConfig(n_trials=1), storage=url, study_name="s")
+    summary = json.loads(json.dumps(r.summary()))
+    assert summary["n_complete"] == 1 and summary["warnings"] == r.warnings
+    assert "only 2 held-out queries" in r.warnings[0] and "--heldout-fraction 0.4" in r.warnings[0]
+
+
+def test_split_warnings_say_when_the_search_half_cannot_inform(tuning_heldout):
+    small = split_halves(tuning_heldout)[0]  # 6 classes x 3 queries
+    assert len(small.query_labels) < MIN_SEARCH_QUERIES
+    [few] = split_warnings(small, [0.5, 0.7])
+    assert f"only {len(small.query_labels)} held-out queries" in few and "--heldout-fraction 0.4" in few
+    large = split_halves(make_heldout(n_classes=14))[0]  # 7 classes x 3 queries
+    assert len(large.query_labels) >= MIN_SEARCH_QUERIES and split_warnings(large, [0.5, 1.0]) == []
+    [perfect] = split_warnings(large, [1.0, 1.0, 1.0], k=100)
+    assert "every one of the 3 completed trials scored mAP@100 1.0" in perfect
+    assert "hold out a larger share of the train classes" in perfect

@@ -10,8 +10,6 @@ dim and power are applied from the cached fit.
 """
 from __future__ import annotations
 
-import os
-import socket
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -26,9 +24,10 @@ from ensemble.postprocess import PostProcessing, ensemble_descriptors, fit_white
 from ensemble.whitening import Whitening
 from rerank.pipeline import RerankParams, rerank
 from tuning.heldout import HeldoutSet
+from tuning.workers import DEFAULTS_ATTR, WORKER_ATTR, recover_stale_trials, worker_id
 
-DEFAULTS_ATTR = "defaults"      # user attribute of the enqueued untuned trial
-WORKER_ATTR = "worker"          # "host:pid" of the process that ran a trial
+__all__ = ["DEFAULTS_ATTR", "WORKER_ATTR", "SearchSpace", "WhiteningCache", "build_objective", "default_params",
+           "evaluate", "fit_space", "max_whiten_dim", "post_from_params", "suggest_postprocessing"]
 
 
 @dataclass
@@ -168,20 +167,23 @@ def default_params(member_names: Sequence[str], space: SearchSpace) -> dict[str,
     return params
 
 
-def fit_space(space: SearchSpace, n_images: int) -> SearchSpace:
-    """Clamp the k-reciprocal k1/k2 ranges to what ``n_images`` (queries + references) allow."""
-    hi = max(1, n_images - 1)
+def fit_space(space: SearchSpace, n_queries: int, n_references: int) -> SearchSpace:
+    """Narrow the size-bound ranges to a set of ``n_queries`` + ``n_references``: k1/k2 to
+    n_queries + n_references - 1, the DBA and aQE neighbour counts to n_references
+    (``rerank`` would clamp larger values anyway: trials there would repeat one another)."""
+    hi = max(1, n_queries + n_references - 1)
     clamp = lambda r: (min(r[0], hi), min(r[1], hi))  # noqa: E731
-    return replace(space, k1_range=clamp(space.k1_range), k2_range=clamp(space.k2_range))
+    return replace(space, k1_range=clamp(space.k1_range), k2_range=clamp(space.k2_range),
+                   max_dba_n=min(space.max_dba_n, n_references), max_aqe_n=min(space.max_aqe_n, n_references))
 
 
-def worker_id() -> str:
-    """``host:pid`` of this process, as stored on the trials it runs."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def _budget_reached(trial: optuna.Trial, n_trials: int, stale_after_s: float | None = None) -> bool:
+    """True when ``n_trials`` trials are complete or running ahead of this one (any worker).
 
-
-def _budget_reached(trial: optuna.Trial, n_trials: int) -> bool:
-    """True when ``n_trials`` trials are complete or running ahead of this one (any worker)."""
+    Trials of dead workers are recovered first (FAIL, parameters re-enqueued): they never
+    count as running ahead.
+    """
+    recover_stale_trials(trial.study, stale_after_s)
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
     ahead = [t for t in trial.study.get_trials(deepcopy=False, states=states)
              if t.state == optuna.trial.TrialState.COMPLETE or t.number < trial.number]
@@ -190,20 +192,21 @@ def _budget_reached(trial: optuna.Trial, n_trials: int) -> bool:
 
 def build_objective(heldout: HeldoutSet, space: SearchSpace, k: int = 1000,
                     cache: WhiteningCache | None = None, n_trials: int | None = None,
-                    device: str = "cpu") -> Callable[[optuna.Trial], float]:
+                    device: str = "cpu", stale_after_s: float | None = None) -> Callable[[optuna.Trial], float]:
     """Return the Optuna objective: mAP@k of the sampled post-processing on ``heldout``.
 
     Recall@1 is kept as the ``recall_at_1`` user attribute. With ``n_trials`` set, a
     trial that would exceed that many completed trials of the whole study (several
-    workers) is pruned and stops its worker, so workers together complete exactly N.
+    workers) is pruned and stops its worker, so workers together complete exactly N;
+    ``stale_after_s``: see ``tuning.workers.is_stale``.
     """
     cache = cache if cache is not None else WhiteningCache(heldout.train)
     max_dim = max_whiten_dim(heldout)
-    space = fit_space(space, len(heldout.query_labels) + len(heldout.reference_labels))
+    space = fit_space(space, len(heldout.query_labels), len(heldout.reference_labels))
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, worker_id())
-        if n_trials is not None and _budget_reached(trial, n_trials):
+        if n_trials is not None and _budget_reached(trial, n_trials, stale_after_s):
             trial.set_user_attr("pruned_reason", "trial budget reached")
             trial.study.stop()
             raise optuna.TrialPruned("trial budget reached")

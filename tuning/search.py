@@ -8,20 +8,20 @@ the bundle (atomically) and a report with plots into BUNDLE.tuning/ beside it.
 
 Storage: None (in memory), an Optuna RDB URL (``sqlite:///study.db``,
 ``postgresql://...``) or ``journal:PATH`` (a journal file several processes can
-share). A study is resumed where it stopped: only the trials missing from
-``n_trials`` completed ones are run, and RUNNING trials left by a dead worker are
-marked FAIL and their parameters re-enqueued.
+share). A study is resumed where it stopped: trials run until ``n_trials`` are
+COMPLETE, and RUNNING trials left by a dead worker (killed at any instant, see
+``tuning.workers``) are marked FAIL and their parameters re-enqueued.
 
 Over-fitting guard: the held-out classes are split (seeded) into a search half,
 which the study optimises, and a check half, on which the best trial and the
-defaults are scored for the report.
+defaults are scored for the report. A split too small to inform (few queries,
+every trial perfect) is reported in ``SearchResult.warnings``.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,16 +36,11 @@ from competition.cli import ArgumentParser, UserError, number, run_command
 from competition.metrics import file_keys
 from ensemble.postprocess import PostProcessing
 from tuning.heldout import HeldoutSet, heldout_set
-from tuning.objective import (
-    DEFAULTS_ATTR,
-    WORKER_ATTR,
-    SearchSpace,
-    WhiteningCache,
-    build_objective,
-    default_params,
-    evaluate,
-    post_from_params,
-)
+from tuning.objective import SearchSpace, WhiteningCache, build_objective, default_params, evaluate, post_from_params
+from tuning.workers import DEFAULTS_ATTR, is_stale, open_storage, recover_stale_trials
+
+__all__ = ["SearchConfig", "SearchResult", "is_stale", "main", "open_storage", "recover_stale_trials", "run_search",
+           "split_halves", "split_warnings", "tune_bundle", "tuning_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +57,11 @@ class SearchConfig:
     k: int = 1000                  # mAP@k
     space: SearchSpace = field(default_factory=SearchSpace)
     stale_after_s: float | None = None  # RUNNING trials of other hosts older than this are stale
+    heartbeat_s: int | None = None      # RDB storages: Optuna heartbeat for workers on several hosts
     device: str = "cpu"
+
+
+MIN_SEARCH_QUERIES = 20   # fewer held-out queries in the search half: its mAP is too noisy to tune on
 
 
 @dataclass
@@ -80,6 +79,7 @@ class SearchResult:
     n_complete: int
     study: optuna.Study
     k: int = 1000
+    warnings: list[str] = field(default_factory=list)  # the split is too small to inform, in plain words
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly summary (no study object; scores spelled as files spell them)."""
@@ -107,66 +107,54 @@ def split_halves(heldout: HeldoutSet, seed: int = 0) -> tuple[HeldoutSet, Heldou
             [str(c) for c in search], [str(c) for c in check])
 
 
-def open_storage(storage: str | optuna.storages.BaseStorage | None) -> optuna.storages.BaseStorage | None:
-    """Turn ``None`` / ``journal:PATH`` / an RDB URL into an Optuna storage."""
-    if storage is None or not isinstance(storage, str):
-        return storage
-    if storage.startswith("journal:"):
-        path = storage[len("journal:"):]
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
-    if storage.startswith("sqlite:///"):
-        Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        # several processes on one file: wait for the lock instead of failing at once
-        return optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 60}})
-    return optuna.storages.RDBStorage(storage)
+def split_warnings(search_half: HeldoutSet, values: list[float], k: int = 1000) -> list[str]:
+    """Plain sentences on why a search half cannot inform the tuning ([] when it can).
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def is_stale(trial: optuna.trial.FrozenTrial, stale_after_s: float | None = None) -> bool:
-    """True for a RUNNING trial whose worker is dead (same host) or too old (other hosts)."""
-    if trial.state != TrialState.RUNNING:
-        return False
-    host, _, pid = str(trial.user_attrs.get(WORKER_ATTR, "")).rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
-        return not _pid_alive(int(pid))
-    if stale_after_s is not None and trial.datetime_start is not None:
-        age = time.time() - trial.datetime_start.timestamp()
-        return age > stale_after_s
-    return False
-
-
-def recover_stale_trials(study: optuna.Study, stale_after_s: float | None = None) -> list[int]:
-    """Mark stale RUNNING trials FAIL and re-enqueue their parameters; return their numbers."""
-    recovered = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not is_stale(t, stale_after_s):
-            continue
-        try:
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
-            continue  # another worker finished or recovered it meanwhile
-        attrs = {"retry_of": t.number}
-        if t.user_attrs.get(DEFAULTS_ATTR):
-            attrs[DEFAULTS_ATTR] = True
-        study.enqueue_trial(dict(t.params), user_attrs=attrs)
-        recovered.append(t.number)
-        log.warning("trial %d was left RUNNING by a dead worker: marked FAIL, parameters re-enqueued", t.number)
-    return recovered
+    ``values``: mAP@k of the completed trials on ``search_half``.
+    """
+    fix = "hold out a larger share of the train classes (e.g. --heldout-fraction 0.4)"
+    out = []
+    n_queries, n_classes = len(search_half.query_labels), len(np.unique(search_half.query_labels))
+    if n_queries < MIN_SEARCH_QUERIES:
+        out.append(f"the search half holds only {n_queries} held-out queries ({n_classes} classes), fewer than "
+                   f"{MIN_SEARCH_QUERIES}: its mAP@{k} is too noisy to choose parameters by; {fix}")
+    if values and min(values) >= 1.0 - 1e-9:
+        out.append(f"every one of the {len(values)} completed trials scored mAP@{k} 1.0 on the search half: "
+                   f"the held-out split is too easy to tell parameters apart and the best trial is arbitrary; {fix}")
+    return out
 
 
 def _defaults_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get(DEFAULTS_ATTR)]
     return min(done, key=lambda t: t.number) if done else None
+
+
+def _n_complete(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def _optimize(study: optuna.Study, objective: Callable[[optuna.trial.Trial], float], config: SearchConfig) -> None:
+    """Run trials until ``config.n_trials`` are COMPLETE in the study, counting the RUNNING
+    trials of live workers as theirs; stops at the timeout or when a round completes none.
+
+    A trial found stale meanwhile (another worker died) is re-enqueued by the objective
+    and run in a further round: a dead worker never ends the study short.
+    """
+    deadline = None if config.timeout is None else time.monotonic() + config.timeout
+    while True:
+        recover_stale_trials(study, config.stale_after_s)
+        n_done = _n_complete(study)
+        n_running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        left = None if deadline is None else deadline - time.monotonic()
+        if n_done + n_running >= config.n_trials or (left is not None and left <= 0):
+            return
+        log.info("study %s: %d of %d trials complete, %d running elsewhere, running up to %d more",
+                 study.study_name, n_done, config.n_trials, n_running, config.n_trials - n_done - n_running)
+        study.optimize(objective, n_trials=config.n_trials - n_done - n_running, timeout=left,
+                       n_jobs=config.n_jobs,
+                       callbacks=[optuna.study.MaxTrialsCallback(config.n_trials, states=(TrialState.COMPLETE,))])
+        if _n_complete(study) == n_done:
+            return
 
 
 def _create_or_load(name: str, storage: optuna.storages.BaseStorage | None, seed: int) -> tuple[optuna.Study, bool]:
@@ -188,22 +176,16 @@ def run_search(heldout: HeldoutSet, config: SearchConfig | None = None,
     config = config or SearchConfig()
     space = config.space
     search_half, check_half, search_classes, check_classes = split_halves(heldout, config.split_seed)
-    study, created = _create_or_load(study_name or "postprocessing", open_storage(storage), config.seed)
+    study, created = _create_or_load(study_name or "postprocessing", open_storage(storage, config.heartbeat_s),
+                                     config.seed)
     study.set_user_attr("search_classes", search_classes)
-    recover_stale_trials(study, config.stale_after_s)
     defaults = default_params(heldout.member_names, space)
     if created:  # only the worker that created the study enqueues them: no duplicate with several workers
         study.enqueue_trial(defaults, user_attrs={DEFAULTS_ATTR: True}, skip_if_exists=True)
-    n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    remaining = config.n_trials - n_done
     cache = WhiteningCache(heldout.train)
-    if remaining > 0:
-        log.info("study %s: %d of %d trials complete, running up to %d more",
-                 study.study_name, n_done, config.n_trials, remaining)
-        objective = build_objective(search_half, space, k=config.k, cache=cache, n_trials=config.n_trials,
-                                    device=config.device)
-        study.optimize(objective, n_trials=remaining, timeout=config.timeout, n_jobs=config.n_jobs,
-                       callbacks=[optuna.study.MaxTrialsCallback(config.n_trials, states=(TrialState.COMPLETE,))])
+    objective = build_objective(search_half, space, k=config.k, cache=cache, n_trials=config.n_trials,
+                                device=config.device, stale_after_s=config.stale_after_s)
+    _optimize(study, objective, config)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise RuntimeError(f"study {study.study_name}: no completed trial")
@@ -213,12 +195,15 @@ def run_search(heldout: HeldoutSet, config: SearchConfig | None = None,
     dtrial = _defaults_trial(study)
     defaults_value = (float(dtrial.value) if dtrial is not None
                       else evaluate(search_half, default_post, config.k, device=config.device)["map_at_k"])
+    warnings = split_warnings(search_half, [float(t.value) for t in complete], config.k)
+    for w in warnings:
+        log.warning("%s", w)
     return SearchResult(
         best_post=best_post, best_value=float(best.value), best_trial=best.number, defaults_value=defaults_value,
         check_best=evaluate(check_half, best_post, config.k, cache.get(best_post), config.device),
         check_defaults=evaluate(check_half, default_post, config.k, device=config.device),
         search_classes=search_classes, check_classes=check_classes, n_complete=len(complete), study=study,
-        k=config.k)
+        k=config.k, warnings=warnings)
 
 
 def tuning_dir(bundle_path: str | os.PathLike) -> Path:
@@ -268,6 +253,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-kreciprocal", action="store_true", help="leave k-reciprocal re-ranking out of the search")
     ap.add_argument("--stale-after", type=number(float, 0.0), default=None, metavar="S",
                     help="treat RUNNING trials of other hosts older than S seconds as dead")
+    ap.add_argument("--heartbeat", type=number(int, 1), default=None, metavar="S",
+                    help="RDB storages: running trials record a heartbeat every S seconds; one silent for 4*S "
+                         "is failed and re-run (workers on several hosts; same-host dead workers are seen at once)")
     ap.add_argument("--no-report", action="store_true", help="skip the report and plots")
     return ap.parse_args(argv)
 
@@ -277,12 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = SearchConfig(n_trials=args.trials, timeout=args.timeout, n_jobs=args.n_jobs, seed=args.seed,
                           split_seed=args.split_seed, space=SearchSpace(kreciprocal=not args.no_kreciprocal),
-                          stale_after_s=args.stale_after)
+                          stale_after_s=args.stale_after, heartbeat_s=args.heartbeat)
     r = tune_bundle(args.bundle, config, storage=args.storage, study_name=args.study,
                     write_report=not args.no_report)
     print(f"best trial {r.best_trial}: mAP@{config.k} {r.best_value:.4f} (defaults {r.defaults_value:.4f}) "
           f"on the search half; check half {r.check_best['map_at_k']:.4f} "
-          f"(defaults {r.check_defaults['map_at_k']:.4f}); {r.n_complete} trials complete")
+          f"(defaults {r.check_defaults['map_at_k']:.4f}); {r.n_complete} trials complete"
+          + (f"; {len(r.warnings)} warning(s) above: the held-out split is too small" if r.warnings else ""))
     print(f"best post-processing written to {args.bundle}; report in {tuning_dir(args.bundle)}")
     return 0
 
