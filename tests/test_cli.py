@@ -71,8 +71,8 @@ def test_train_help_groups_options_and_shows_defaults():
 
 
 def test_train_config_check_names_every_bad_option():
-    with pytest.raises(ConfigError, match="--epochs.*got 0.*--lr.*got -1") as info:
-        TrainConfig(data="d", out="o", epochs=0, lr=-1.0).check()
+    with pytest.raises(ConfigError, match="--epochs.*got -1.*--lr.*got -1") as info:
+        TrainConfig(data="d", out="o", epochs=-1, lr=-1.0).check()
     assert "--head" in str(pytest.raises(ConfigError, TrainConfig(data="d", out="o", head="nope").check).value)
     with pytest.raises(ConfigError, match="unknown training option.*colour"):
         TrainConfig.from_dict({"data": "d", "out": "o", "colour": 1}, where="recipe.toml")
