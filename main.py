@@ -125,7 +125,7 @@ def build_checkpoint(state: SessionState, args: argparse.Namespace) -> None:
     if args.trials > 0:
         from ensemble.bundle import Bundle
         from tuning.search import SearchConfig, tune_bundle
-        result = tune_bundle(out, SearchConfig(n_trials=args.trials, seed=args.seed))
+        result = tune_bundle(out, SearchConfig(n_trials=args.trials, seed=args.seed, k=args.k))
         nsml.report(summary=True, step=args.trials, heldout_map=result.best_value,
                     heldout_map_default=result.defaults_value)
         state.bundle = Bundle.load(out)
@@ -169,12 +169,12 @@ def submit_locally(state: SessionState, args: argparse.Namespace) -> dict | None
     # infer validated the submission; here it is only scored
     scores = file_keys(score_submission({q: refs for _, (q, refs) in submission}, labels,
                                         query_names=[q for _, (q, _) in submission],
-                                        reference_names=reference_names), 1000)
+                                        reference_names=reference_names, k=args.k), args.k)
     print("local leaderboard: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if not k.startswith("n_"))
           + f"  ({scores['n_query']} queries)", flush=True)
     atomic_write_json(out / "scores.json", scores)
     if args.picture:
-        draw_retrieval_picture(submission, query_paths, labels, root, out / "retrieval.png", args.picture)
+        draw_retrieval_picture(submission, query_paths, labels, root, out / "retrieval.png", args.picture, k=args.k)
     return scores
 
 
@@ -225,8 +225,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     local.add_argument("--cache-dir", metavar="DIR", help="reuse member descriptors cached in this folder")
     local.add_argument("--picture", type=number(int, 0), default=8, metavar="N",
                        help="queries drawn in retrieval.png (0: none)")
+    p.add_argument("--k", type=number(int, 1), default=1000, metavar="N",
+                   help="references ranked per query, and the k of the local mAP@k")
     p.add_argument("--full-ranking", action="store_true",
-                   help="rank every reference (phase 1) instead of the top 1000")
+                   help="rank every reference (phase 1) instead of the top k")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=workers_arg, default="auto", metavar="N|auto", help=WORKERS_HELP)
     return p.parse_args(argv)
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("without NSML, --data DATASET is required")
         nsml.DATASET_PATH = args.data
     print(runtime_report(args.device), flush=True)
-    state = SessionState(args.data or DATASET_PATH, None if args.full_ranking else 1000, args.device,
+    state = SessionState(args.data or DATASET_PATH, None if args.full_ranking else args.k, args.device,
                          args.cache_dir, args.workers)
     bind_model(state)
     if args.pause:

@@ -139,7 +139,7 @@ def train_members(cfg: RecipeConfig, data: Path, split: HeldoutSplit | None, fol
 
     def record(name: str, options: dict, step: StepRecord, config: dict, result: dict, seconds: float) -> None:
         info = {"run_dir": options["out"], "seconds": round(seconds, 1), "best": result.get("best"),
-                "epoch": result.get("epoch"), "config": options}
+                "epoch": result.get("epoch"), "options": options}
         step.finish(config, **info)
         done[name] = info
 
@@ -164,7 +164,9 @@ def train_members(cfg: RecipeConfig, data: Path, split: HeldoutSplit | None, fol
         for name, (future, options, step, config, t0) in started.items():
             result = future.result()
             record(name, options, step, config, result, time.time() - t0)
-            say(f"{label} {name} done: best held-out mAP@{cfg.k} {result.get('best', float('nan')):.4f}")
+            best = result.get("best")
+            say(f"{label} {name} done in {time.time() - t0:.0f} s"
+                + (f": best held-out mAP@{cfg.k} {best:.4f}" if best is not None else ""))
     return done
 
 
@@ -284,7 +286,7 @@ def run_recipe(cfg: RecipeConfig) -> list[dict]:
                                    for m in cfg.members)
         table.append(row)
     submitted = submit_through_main(cfg, data, final_dir) if has_labels else None
-    results = {"recipe": cfg.to_dict(), "data": str(data), "members": {n: m.get("config") for n, m in members.items()},
+    results = {"recipe": cfg.to_dict(), "data": str(data), "members": {n: m.get("options") for n, m in members.items()},
                "table": table_for_file(table, cfg.k), "submission": submitted, "submitted_bundle": str(final_dir),
                "tuned_post": bundle.post.to_dict(), "seconds": round(time.time() - t0, 1)}
     atomic_write_json(out / "results.json", results)

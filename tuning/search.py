@@ -248,6 +248,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--n-jobs", type=number(int, 1, 64), default=1, metavar="N", help="threads of this worker")
     ap.add_argument("--seed", type=number(int, 0), default=0, metavar="N",
                     help="TPE sampler seed (use a different one per worker)")
+    ap.add_argument("--k", type=number(int, 1), default=1000, metavar="N", help="the study maximises mAP@k")
     ap.add_argument("--split-seed", type=number(int, 0), default=0, metavar="N",
                     help="seed of the search/check split of the held-out classes")
     ap.add_argument("--no-kreciprocal", action="store_true", help="leave k-reciprocal re-ranking out of the search")
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = SearchConfig(n_trials=args.trials, timeout=args.timeout, n_jobs=args.n_jobs, seed=args.seed,
-                          split_seed=args.split_seed, space=SearchSpace(kreciprocal=not args.no_kreciprocal),
+                          k=args.k, split_seed=args.split_seed, space=SearchSpace(kreciprocal=not args.no_kreciprocal),
                           stale_after_s=args.stale_after, heartbeat_s=args.heartbeat)
     r = tune_bundle(args.bundle, config, storage=args.storage, study_name=args.study,
                     write_report=not args.no_report)

@@ -1,0 +1,84 @@
+"""The whole recipe from a file: members in parallel, a refit on every class, a local submission,
+and re-runs that skip what is current and re-run exactly what changed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tuning.recipe import main
+from tuning.steps import StepRecord
+
+TINY = """
+heldout = 0.4
+trials = 4
+refit = true
+parallel = 2
+[synth]
+train_classes = 10
+images_per_class = 6
+test_classes = 3
+queries_per_class = 2
+references_per_class = 3
+[defaults]
+image_size = 32
+epochs = 1
+embedding_dim = 16
+batch_size = 8
+images_per_class = 2
+[[members]]
+name = "a"
+arch = "mobilenetv3_small_050"
+[[members]]
+name = "b"
+arch = "resnet10t"
+head = "cosface"
+"""
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    (root / "tiny.toml").write_text(TINY)
+    out = root / "out"
+    assert main(["--config", str(root / "tiny.toml"), "--out", str(out)]) == 0
+    return root, out
+
+
+def _weights_mtimes(out: Path) -> dict[str, int]:
+    return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in out.glob("*members/*/model.safetensors")}
+
+
+def test_a_recipe_file_runs_end_to_end_with_a_refit(recipe_run):
+    root, out = recipe_run
+    results = json.loads((out / "results.json").read_text())
+    rows = [r["row"] for r in results["table"]]
+    assert rows[:2] == ["a alone", "b alone"] and rows[-2:] == ["tuned", "refit on all classes"]
+    refit_row = results["table"][-1]
+    assert refit_row["heldout"] is None and 0.0 <= refit_row["test"]["mAP@1000"] <= 1.0
+    assert results["submission"]["mAP@1000"] == pytest.approx(refit_row["test"]["mAP@1000"])
+    assert results["members"]["b"]["head"] == "cosface" and results["members"]["a"]["epochs"] == 1
+    assert (out / "recipe.toml").is_file() and (out / "members" / "a" / "train.log").is_file()   # parallel logs
+    refit = json.loads((out / "refit" / "ensemble.json").read_text())["provenance"]
+    tuned_split = json.loads((out / "split.json").read_text())
+    assert refit["refit"] is True and refit["tuned_on"]["split"] == tuned_split["hash"]
+    member_split = json.loads((out / "refit-members" / "a" / "split.json").read_text())
+    assert member_split["heldout_classes"] == [] and set(member_split["train_classes"]) >= set(
+        tuned_split["heldout_classes"])
+
+
+def test_a_re_run_skips_what_is_current_and_re_runs_what_changed(recipe_run, capsys):
+    root, out = recipe_run
+    before = _weights_mtimes(out)
+    capsys.readouterr()
+    assert main(["--config", str(root / "tiny.toml"), "--out", str(out)]) == 0
+    assert _weights_mtimes(out) == before and "[recipe] training" not in capsys.readouterr().out
+    assert main(["--config", str(root / "tiny.toml"), "--out", str(out), "--set", "members.b.epochs=2"]) == 0
+    said = capsys.readouterr().out
+    after = _weights_mtimes(out)
+    assert "member b: configuration changed" in said and "epochs 1 -> 2" in said
+    assert after["members/a/model.safetensors"] == before["members/a/model.safetensors"]
+    assert after["members/b/model.safetensors"] != before["members/b/model.safetensors"]
+    assert StepRecord.of(out, "members-b").info()["options"]["epochs"] == 2   # results record what ran
+    assert json.loads((out / "results.json").read_text())["members"]["b"]["epochs"] == 2
