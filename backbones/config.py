@@ -24,8 +24,8 @@ AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 
 
 # options that change how a run goes, not what it learns (a resumed run may change them)
-RUNTIME_ONLY = ("data", "out", "workers", "progress", "device", "val_batch_size", "resume", "stop_after_epoch",
-                "max_steps")
+RUNTIME_ONLY = ("data", "out", "workers", "progress", "quiet", "device", "val_batch_size", "resume",
+                "stop_after_epoch", "max_steps")
 
 
 class ConfigError(UserError, ValueError):
@@ -126,6 +126,7 @@ class TrainConfig:
     stop_after_epoch: int | None = option(None, "end this invocation after that epoch (resume later)", "runtime",
                                           1, None)
     progress: bool = option(True, "progress bars (shown only on a terminal)", "runtime")
+    quiet: bool = option(False, "print the run's first and last lines only, not a line per epoch", "runtime")
 
     def check(self) -> "TrainConfig":
         """Raise ``ConfigError`` naming every option outside its range or choices; return self."""

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from backbones.checkpoint import load_run
 from backbones.model import RetrievalNet
 from backbones.transforms import PathDataset, eval_transform, path_collate
-from competition.cli import ArgumentParser, UserError, number, run_command
+from competition.cli import ArgumentParser, UserError, number, run_command, show_progress
 from competition.data import LoadReport, UnreadableImage, image_name, is_image_file, list_images
 from competition.fileio import atomic_path, atomic_write_text
 from competition.metrics import retrieval_scores
@@ -147,8 +147,8 @@ def extract_descriptors(
     model.eval()
     try:
         with torch.inference_mode():
-            for idx, views, failed in tqdm(loader, desc="extract", unit="batch", disable=not progress,
-                                           file=sys.stderr):
+            batches = tqdm(loader, desc="extract", unit="batch", disable=not show_progress(progress), file=sys.stderr)
+            for idx, views, failed in batches:
                 for i, reason in failed:
                     report.record_failure(UnreadableImage(os.fspath(paths[i]), reason))
                 if len(idx) == 0:

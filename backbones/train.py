@@ -46,7 +46,7 @@ from backbones.optim import param_groups, schedules
 from backbones.sampler import PKSampler
 from backbones.transforms import AugmentConfig, TrainDataset, train_collate, train_transform
 from backbones.warm_start import gem_features, init_neck_from_features
-from competition.cli import run_command
+from competition.cli import run_command, show_progress
 from competition.data import scan_train
 from competition.metrics import file_keys
 from competition.split import HeldoutSplit, make_split, split_labels
@@ -225,6 +225,7 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
+    say_epoch = say if not cfg.quiet else (lambda *a, **k: None)
     run_dir = Path(cfg.out)
     k = cfg.images_per_class
     p = cfg.batch_size // k if cfg.batch_size else cfg.classes_per_batch
@@ -342,7 +343,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
                     m.eval()
         meter = EpochMeter(device)
         t0, n_batches = time.perf_counter(), steps_per_epoch * cfg.grad_accum
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not (is_main and cfg.progress),
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
+                   disable=not show_progress(is_main and cfg.progress),
                    file=sys.stderr, dynamic_ncols=True)
         for i, (x, y, bad_b) in enumerate(loader):
             if i >= n_batches:
@@ -409,7 +411,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
                 "bad_images": sorted(bad.items())})
             rows.append(row)
             ckpt.write_log(run_dir, rows, cfg.k)
-            say(f"epoch {epoch}: loss {row['loss']:.4f} lr {row['lr']:.2e} {speed:.1f} img/s"
+            say_epoch(f"epoch {epoch}: loss {row['loss']:.4f} lr {row['lr']:.2e} {speed:.1f} img/s"
                 + (f" | held-out {_val_line(val, cfg.k)}" if row["val"] else ""))
         if world > 1:
             _barrier(device)

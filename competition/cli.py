@@ -9,12 +9,16 @@ Tracebacks are for bugs, or on request: ``--debug`` on any command, or ``KIT_DEB
 * ``run_command(main, argv)``: runs a command's ``main(argv) -> int`` under that rule.
 * ``ArgumentParser``: argparse whose errors are that one line, and whose help shows defaults.
 * ``number(kind, low, high)``: an argparse type that checks a range at parse time.
+* ``show_progress(wanted)``: progress bars only on a terminal (a piped log stays readable).
+
+Warnings print as one line ``warning: ...`` (no source line) under ``run_command``.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import warnings
 from typing import Callable, Sequence
 
 DEBUG_ENV = "KIT_DEBUG"
@@ -36,9 +40,23 @@ def debug_requested(argv: Sequence[str] | None) -> bool:
     return "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+def show_progress(wanted: bool = True) -> bool:
+    """True when progress bars should be drawn: asked for, and stderr is a terminal."""
+    try:
+        return bool(wanted) and sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def run_command(main: Callable[[list[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run ``main(argv)``; a user error becomes ``error: ...`` on stderr and status 2 (traceback with --debug)."""
     debug = debug_requested(argv)
+    if not debug:
+        warnings.formatwarning = _one_line_warning
     args = list(argv if argv is not None else sys.argv[1:])
     args = [a for a in args if a != "--debug"]
     try:

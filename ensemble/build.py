@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from competition.cli import ArgumentParser, UserError, number, run_command
+from competition.cli import ArgumentParser, UserError, number, run_command, show_progress
 from competition.data import TRAIN_DIR, DataError, scan_train
 from competition.split import HeldoutSplit
 from ensemble.bundle import Bundle
@@ -150,7 +150,8 @@ def describe_sets(members: Sequence[Member], data: Path, ids: dict[str, list[str
     kept_ids: dict[str, list[str]] = {}
     out: list[dict[str, np.ndarray]] = [{} for _ in members]
     unreadable: list[str] = []
-    steps = tqdm(total=len(members) * len(ids), desc="members x sets", disable=not progress, file=sys.stderr)
+    steps = tqdm(total=len(members) * len(ids), desc="members x sets", disable=not show_progress(progress),
+                 file=sys.stderr)
     for s, s_ids in ids.items():
         paths = [root / i for i in s_ids]
         descs, ok = describe_all(members, paths, set_name=s if s == "train" else f"heldout-{s}", root=str(root),

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from competition.cli import show_progress
 from competition.fileio import atomic_path, atomic_write_json
 from ensemble.combine import l2_normalize
 
@@ -222,7 +223,7 @@ class DescriptorCache:
         bar = None
         if progress and todo:
             from tqdm.auto import tqdm
-            bar = tqdm(total=len(todo), desc=f"extract {self.folder.name}", unit="img")
+            bar = tqdm(total=len(todo), desc=f"extract {self.folder.name}", unit="img", disable=not show_progress())
         for start in range(0, len(todo), self.chunk_rows):
             batch = todo[start:start + self.chunk_rows]
             self._extract_batch(batch, extract)

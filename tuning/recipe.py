@@ -32,9 +32,6 @@ from tuning.recipe_config import RECIPE_FILE, RecipeConfig, apply_overrides, loa
 from tuning.steps import StepRecord, config_hash
 from tuning.table import describe_test_set, format_table, plot_table, score_rows, stage_rows, table_for_file
 
-# training options that do not change what a member learns (a change does not retrain it)
-NOT_RESULT = ("workers", "progress", "device", "val_batch_size", "resume", "stop_after_epoch", "out")
-
 
 def say(msg: str) -> None:
     print(f"[recipe] {msg}", flush=True)
@@ -92,7 +89,10 @@ def member_options(cfg: RecipeConfig, i: int, data: Path, out: Path, split: Held
 
 
 def _step_config(options: dict, split: HeldoutSplit | None) -> dict:
-    return {"train": {k: v for k, v in options.items() if k not in NOT_RESULT},
+    """What a member's step depends on: its learning options (a runtime option such as the device,
+    workers or verbosity changing does not retrain it) and the split."""
+    from backbones.config import RUNTIME_ONLY
+    return {"train": {k: v for k, v in options.items() if k not in RUNTIME_ONLY},
             "split": None if split is None else split.hash}
 
 
@@ -210,8 +210,9 @@ def tune_step(cfg: RecipeConfig, bundle_dir: Path) -> None:
     result = tune_bundle(bundle_dir, SearchConfig(n_trials=cfg.trials, seed=cfg.seed, k=cfg.k),
                          storage=cfg.storage or None, study_name=f"postprocessing-{config_hash(study_config)}")
     step.finish({**study_config, "trials": cfg.trials}, best=result.best_value)
-    say(f"tuned: held-out search half mAP@{cfg.k} {result.best_value:.4f} (defaults {result.defaults_value:.4f}); "
-        f"check half {result.check_best['map_at_k']:.4f} (defaults {result.check_defaults['map_at_k']:.4f})")
+    say(f"tuned, {result.rate_line()}: held-out search half mAP@{cfg.k} {result.best_value:.4f} "
+        f"(defaults {result.defaults_value:.4f}); check half {result.check_best['map_at_k']:.4f} "
+        f"(defaults {result.check_defaults['map_at_k']:.4f})")
 
 
 def refit_step(cfg: RecipeConfig, data: Path, split: HeldoutSplit, bundle_dir: Path) -> Path:
@@ -322,6 +323,7 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--workers", type=number(int, 0), metavar="N", help="DataLoader workers per member")
     ap.add_argument("--refit", action=__import__("argparse").BooleanOptionalAction, default=None,
                     help="retrain every member on all train classes after tuning")
+    ap.add_argument("--quiet", action="store_true", help="print the stage lines and the table only")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any recipe value, e.g. synth.test_classes=20 or members.regnet.lr=0.01 (repeatable)")
     return ap.parse_args(argv)
@@ -334,7 +336,8 @@ def resolve(args) -> RecipeConfig:
                                              "storage", "seed", "devices", "parallel", "workers", "refit")}
     if args.devices and args.parallel is None:
         values["parallel"] = len(args.devices)
-    return apply_overrides(cfg, values, args.set, args.members)
+    sets = [*args.set, *(["defaults.quiet=true"] if args.quiet else [])]
+    return apply_overrides(cfg, values, sets, args.members)
 
 
 def main(argv: list[str] | None = None) -> int:

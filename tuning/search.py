@@ -20,6 +20,7 @@ every trial perfect) is reported in ``SearchResult.warnings``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -32,7 +33,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from competition.cli import ArgumentParser, UserError, number, run_command
+from competition.cli import ArgumentParser, UserError, number, run_command, show_progress
 from competition.metrics import file_keys
 from ensemble.postprocess import PostProcessing
 from tuning.heldout import HeldoutSet, heldout_set
@@ -80,6 +81,13 @@ class SearchResult:
     study: optuna.Study
     k: int = 1000
     warnings: list[str] = field(default_factory=list)  # the split is too small to inform, in plain words
+    trials_run: int = 0            # trials this call completed (not earlier runs of the study)
+    seconds: float = 0.0           # how long this call took
+
+    def rate_line(self) -> str:
+        """``N trials in S s (R trials/min)`` of this call."""
+        rate = 60.0 * self.trials_run / self.seconds if self.seconds > 0 else 0.0
+        return f"{self.trials_run} trials in {self.seconds:.0f} s ({rate:.0f} trials/min)"
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly summary (no study object; scores spelled as files spell them)."""
@@ -133,7 +141,34 @@ def _n_complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def _optimize(study: optuna.Study, objective: Callable[[optuna.trial.Trial], float], config: SearchConfig) -> None:
+class TrialProgress:
+    """An Optuna callback: one progress bar (on a terminal) with the best value so far, instead of
+    Optuna's line per trial; ``ran`` and ``seconds`` give the trials/min of the summary."""
+
+    def __init__(self, total: int, done: int) -> None:
+        from tqdm.auto import tqdm
+        self.ran, self.t0 = 0, time.monotonic()
+        self.bar = tqdm(total=total, initial=done, desc="tuning", unit="trial", disable=not show_progress())
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == TrialState.COMPLETE:
+            self.ran += 1
+            self.bar.update(1)
+            try:
+                self.bar.set_postfix(best=f"{study.best_value:.4f}")
+            except ValueError:
+                pass
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.t0
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _optimize(study: optuna.Study, objective: Callable[[optuna.trial.Trial], float], config: SearchConfig,
+              progress: TrialProgress | None = None) -> None:
     """Run trials until ``config.n_trials`` are COMPLETE in the study, counting the RUNNING
     trials of live workers as theirs; stops at the timeout or when a round completes none.
 
@@ -152,7 +187,8 @@ def _optimize(study: optuna.Study, objective: Callable[[optuna.trial.Trial], flo
                  study.study_name, n_done, config.n_trials, n_running, config.n_trials - n_done - n_running)
         study.optimize(objective, n_trials=config.n_trials - n_done - n_running, timeout=left,
                        n_jobs=config.n_jobs,
-                       callbacks=[optuna.study.MaxTrialsCallback(config.n_trials, states=(TrialState.COMPLETE,))])
+                       callbacks=[optuna.study.MaxTrialsCallback(config.n_trials, states=(TrialState.COMPLETE,)),
+                                  *([progress] if progress is not None else [])])
         if _n_complete(study) == n_done:
             return
 
@@ -171,8 +207,15 @@ def run_search(heldout: HeldoutSet, config: SearchConfig | None = None,
                study_name: str | None = None) -> SearchResult:
     """Search post-processing on the search half of ``heldout``; score best and defaults on the check half.
 
-    Resumes the study ``study_name`` when it exists in ``storage``.
+    Resumes the study ``study_name`` when it exists in ``storage``. Prints no line per trial: a
+    progress bar on a terminal, and the result's ``trials_run``/``seconds`` for a summary.
     """
+    with quiet_optuna():
+        return _run_search(heldout, config, storage, study_name)
+
+
+def _run_search(heldout: HeldoutSet, config: SearchConfig | None, storage: str | optuna.storages.BaseStorage | None,
+                study_name: str | None) -> SearchResult:
     config = config or SearchConfig()
     space = config.space
     search_half, check_half, search_classes, check_classes = split_halves(heldout, config.split_seed)
@@ -185,7 +228,11 @@ def run_search(heldout: HeldoutSet, config: SearchConfig | None = None,
     cache = WhiteningCache(heldout.train)
     objective = build_objective(search_half, space, k=config.k, cache=cache, n_trials=config.n_trials,
                                 device=config.device, stale_after_s=config.stale_after_s)
-    _optimize(study, objective, config)
+    progress = TrialProgress(config.n_trials, _n_complete(study))
+    try:
+        _optimize(study, objective, config, progress)
+    finally:
+        progress.close()
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise RuntimeError(f"study {study.study_name}: no completed trial")
@@ -203,7 +250,18 @@ def run_search(heldout: HeldoutSet, config: SearchConfig | None = None,
         check_best=evaluate(check_half, best_post, config.k, cache.get(best_post), config.device),
         check_defaults=evaluate(check_half, default_post, config.k, device=config.device),
         search_classes=search_classes, check_classes=check_classes, n_complete=len(complete), study=study,
-        k=config.k, warnings=warnings)
+        k=config.k, warnings=warnings, trials_run=progress.ran, seconds=round(progress.seconds, 1))
+
+
+@contextlib.contextmanager
+def quiet_optuna():
+    """Optuna's INFO lines (one per trial, ~450 characters each) off while the block runs."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def tuning_dir(bundle_path: str | os.PathLike) -> Path:
@@ -269,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                           stale_after_s=args.stale_after, heartbeat_s=args.heartbeat)
     r = tune_bundle(args.bundle, config, storage=args.storage, study_name=args.study,
                     write_report=not args.no_report)
-    print(f"best trial {r.best_trial}: mAP@{config.k} {r.best_value:.4f} (defaults {r.defaults_value:.4f}) "
+    print(f"{r.rate_line()}; best trial {r.best_trial}: mAP@{config.k} {r.best_value:.4f} "
+          f"(defaults {r.defaults_value:.4f}) "
           f"on the search half; check half {r.check_best['map_at_k']:.4f} "
           f"(defaults {r.check_defaults['map_at_k']:.4f}); {r.n_complete} trials complete"
           + (f"; {len(r.warnings)} warning(s) above: the held-out split is too small" if r.warnings else ""))
