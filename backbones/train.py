@@ -12,9 +12,11 @@ saved at each epoch's end, so ``--resume`` after a kill ends with the weights of
 an uninterrupted run. See backbones/checkpoint.py for the run-folder files.
 
 Under torchrun, ranks draw different augmentations (the rank is part of the epoch's
-seed), epoch statistics are summed on the training device (NCCL reduces CUDA tensors
-only), the process group waits ``DIST_TIMEOUT`` for rank 0's validation, and DDP looks
-for unused parameters only for models that have some (``unused_parameters``).
+seed); backbones/distributed.py holds the rest of what several GPUs need.
+
+A pretrained member starts at its off-the-shelf descriptor (backbones/warm_start.py) and
+the initial weights are scored as epoch 0, so the best checkpoint is never worse than the
+start; ``--probe-epochs`` and ``--layer-decay`` shape the fine-tuning (backbones/optim.py).
 """
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ import random
 import sys
 import time
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +34,13 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from backbones import checkpoint as ckpt
 from backbones.config import ConfigError, TrainConfig, parse_args
-from backbones.extract import autocast_dtype, extract_descriptors, runtime_line, search_scores, torch_device
+from backbones.distributed import EpochMeter, barrier, dist_setup, wrap_ddp
+from backbones.extract import autocast_dtype, extract_descriptors, runtime_line, search_scores
 from backbones.heads import MetricLoss, make_head
 from backbones.model import RetrievalNet, build_model
 from backbones.optim import param_groups, schedules
@@ -51,9 +52,6 @@ from competition.data import scan_train
 from competition.metrics import file_keys
 from competition.split import HeldoutSplit, make_split, split_labels
 
-# Ranks other than 0 wait in a barrier while rank 0 validates and writes; NCCL's default
-# (10 minutes) would kill a job whose validation takes longer.
-DIST_TIMEOUT = timedelta(hours=2)
 LOG_EVERY = 20  # optimizer steps between progress-bar updates (each reads the loss: one device sync)
 
 
@@ -81,88 +79,6 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def _rank_seed(seed: int, epoch: int, rank: int) -> int:
     """Seed of one rank's epoch (augmentation, dropout): ranks differ, rank 0 is the single-process seed."""
     return (_epoch_seed(seed, epoch) + rank * 0x9E3779B97F4A7C15) % 2**62
-
-
-def _dist_setup(device: str) -> tuple[int, int, torch.device]:
-    """Return (rank, world_size, device); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = torch_device(device)
-    if world <= 1:
-        return 0, 1, dev
-    if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
-    return dist.get_rank(), world, dev
-
-
-def _barrier(device: torch.device) -> None:
-    """``dist.barrier`` naming this rank's GPU to NCCL (it cannot guess it)."""
-    if device.type == "cuda":
-        dist.barrier(device_ids=[device.index])
-    else:
-        dist.barrier()
-
-
-class EpochMeter:
-    """Loss sum, batch and image counts of one epoch. The loss sum stays on the training device,
-    so no step waits for the GPU; ``loss_now`` and ``totals`` read it (one sync each)."""
-
-    def __init__(self, device: torch.device):
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.batches = 0
-        self.images = 0
-
-    def add(self, loss: torch.Tensor, n_images: int) -> None:
-        self.loss_sum += loss.detach()
-        self.batches += 1
-        self.images += n_images
-
-    def loss_now(self) -> float:
-        """Mean loss of this rank's batches so far."""
-        return self.loss_sum.item() / max(1, self.batches)
-
-    def totals(self, world: int) -> tuple[float, int, int]:
-        """(loss sum, batches, images) over all ranks; the reduced tensor lives on the training device."""
-        t = torch.stack([self.loss_sum, self.loss_sum.new_tensor(self.batches), self.loss_sum.new_tensor(self.images)])
-        if world > 1:
-            dist.all_reduce(t)
-        loss_sum, batches, images = t.tolist()
-        return loss_sum, int(batches), int(images)
-
-
-def unused_parameters(net: nn.Module, example: tuple[torch.Tensor, ...]) -> list[str]:
-    """Names of trainable parameters that get no gradient from ``net(*example).backward()``.
-
-    One forward/backward in eval mode (no BatchNorm statistics move, no dropout); the
-    parameters' gradients are restored afterwards. DDP needs ``find_unused_parameters``
-    exactly when this is not empty (e.g. timm bodies whose head layers ``forward_features``
-    skips: convnext_tiny's head norm, mobilenetv3's conv_head).
-    """
-    params = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
-    saved = [p.grad for _, p in params]
-    was_training = net.training
-    for _, p in params:
-        p.grad = None
-    net.eval()
-    try:
-        with torch.enable_grad():
-            net(*example).backward()
-        return [name for name, p in params if p.grad is None]
-    finally:
-        for (_, p), g in zip(params, saved):
-            p.grad = g
-        net.train(was_training)
-
-
-def _wrap_ddp(net: nn.Module, device: torch.device, image_size: int, channels_last: bool) -> nn.Module:
-    """DistributedDataParallel around ``net``, finding unused parameters only when the model has some."""
-    x = torch.zeros(2, 3, image_size, image_size, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    unused = unused_parameters(net, (x, torch.zeros(2, dtype=torch.long, device=device)))
-    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=bool(unused))
 
 
 NECK_PCA_IMAGES = 1024   # train images whose body features initialise a pretrained member's neck
@@ -214,7 +130,7 @@ def validate(model: RetrievalNet, run_cfg: dict, split: HeldoutSplit, id_to_path
 def train(cfg: TrainConfig) -> dict:
     """Train; returns {"epoch", "best" (metrics), "bad_images", "images_per_s", "run_dir"}."""
     cfg.check()
-    rank, world, device = _dist_setup(cfg.device)
+    rank, world, device = dist_setup(cfg.device)
     try:
         return _train(cfg, rank, world, device)
     finally:
@@ -304,7 +220,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             say(f"resuming {run_dir} after epoch {start_epoch} (step {step}"
                 + (f", best mAP@{cfg.k} {best:.4f})" if best is not None and best >= 0 else ")"))
 
-    ddp = _wrap_ddp(net, device, cfg.image_size, cfg.channels_last) if world > 1 else net
+    ddp = wrap_ddp(net, device, cfg.image_size, cfg.channels_last) if world > 1 else net
     aug = AugmentConfig(tuple(cfg.crop_scale), cfg.hflip, cfg.color_jitter)
     dataset = TrainDataset(train_index.paths, labels, train_transform(cfg.image_size, aug, spec["mean"], spec["std"]))
     gen = torch.Generator()
@@ -414,7 +330,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             say_epoch(f"epoch {epoch}: loss {row['loss']:.4f} lr {row['lr']:.2e} {speed:.1f} img/s"
                 + (f" | held-out {_val_line(val, cfg.k)}" if row["val"] else ""))
         if world > 1:
-            _barrier(device)
+            barrier(device)
         if stop_now:
             break
     if world > 1:

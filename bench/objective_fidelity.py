@@ -14,7 +14,8 @@ Variants (search classes = the study's search half of the held-out classes):
 * ``search-half``: search-class queries against search-class references (the old objective).
 * ``gallery``: every held-out query against every held-out reference in one ranking, scored
   on the search-class queries (the check half's references are unseen-class distractors).
-* ``gallery+train``: the same, plus the bundle's train-class descriptors as distractors.
+* ``gallery+train(n)``: the same, plus n of the bundle's train-class descriptors as distractors
+  (as many as the held-out references, or all of them).
 """
 from __future__ import annotations
 
@@ -79,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     heldout = heldout_set(bundle)
     test = describe_test_set(bundle, Path(a.data), Path(a.bundle).parent / "cache", a.device)
     search, _check, search_classes, _ = split_halves(heldout, 0)
+    n_ref = len(heldout.reference_labels)
     variants = {"search-half": search, "gallery": query_subset(heldout, search_classes),
-                "gallery+train": query_subset(with_distractors(heldout, None), search_classes)}
+                "gallery+train(n_ref)": query_subset(with_distractors(heldout, n_ref), search_classes),
+                "gallery+train(all)": query_subset(with_distractors(heldout, None), search_classes)}
     posts = sample_posts(heldout, a.trials, a.seed, SearchSpace())
     scores = {name: [] for name in [*variants, "test"]}
     seconds = {name: 0.0 for name in variants}

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbones import checkpoint as ckpt
+from backbones import distributed as dist_mod
 from backbones import extract as extract_mod
 from backbones import train as train_mod
 from backbones.extract import autocast_dtype
@@ -91,7 +92,8 @@ def _fake_rank(monkeypatch, rank: int, world: int = 2) -> tuple[FakeDist, dict]:
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("LOCAL_RANK", str(rank))
     monkeypatch.setattr(train_mod, "dist", fake)
-    monkeypatch.setattr(train_mod, "DistributedDataParallel", FakeDDP, raising=False)
+    monkeypatch.setattr(dist_mod, "dist", fake)
+    monkeypatch.setattr(dist_mod, "DistributedDataParallel", FakeDDP)
     monkeypatch.setattr(nn.parallel, "DistributedDataParallel", FakeDDP)  # wherever train.py looks it up
     monkeypatch.setattr(FakeDDP, "made", [])
     monkeypatch.setattr(train_mod, "validate", lambda *a, **k: {"map_at_k": 0.5, "recall_at_1": 0.5,
@@ -119,15 +121,15 @@ def _fake_rank(monkeypatch, rank: int, world: int = 2) -> tuple[FakeDist, dict]:
     return fake, seen
 
 
-def _count_syncs_in(module_file: str, monkeypatch) -> list[int]:
-    """Count Tensor.item / Tensor.tolist calls made from ``module_file`` itself (each waits for the GPU)."""
+def _count_syncs_in(module_files: tuple[str, ...], monkeypatch) -> list[int]:
+    """Count Tensor.item / Tensor.tolist calls made from ``module_files`` themselves (each waits for the GPU)."""
     count = [0]
     for name in ("item", "tolist"):
         real = getattr(torch.Tensor, name)
 
         def spy(self, *a, _real=real, **k):
             import sys
-            if sys._getframe(1).f_code.co_filename == module_file:
+            if sys._getframe(1).f_code.co_filename in module_files:
                 count[0] += 1
             return _real(self, *a, **k)
         monkeypatch.setattr(torch.Tensor, name, spy)
@@ -136,7 +138,7 @@ def _count_syncs_in(module_file: str, monkeypatch) -> list[int]:
 
 def test_two_rank_run_keeps_collectives_on_device_with_a_long_timeout(image_dataset, tmp_path, monkeypatch, capsys):
     fake, _ = _fake_rank(monkeypatch, rank=0)
-    syncs = _count_syncs_in(train_mod.__file__, monkeypatch)
+    syncs = _count_syncs_in((train_mod.__file__, dist_mod.__file__), monkeypatch)
     result = train_mod.train(_cfg(image_dataset, tmp_path / "run"))
     assert result["epoch"] == 1
     init = [c for c in fake.calls if c[0] == "init_process_group"]
@@ -175,8 +177,8 @@ def test_epoch_totals_are_reduced_on_the_training_device(monkeypatch):
         seen.append(tensor.device)
         raise Stop  # a meta tensor has no values to read back
 
-    monkeypatch.setattr(train_mod.dist, "all_reduce", all_reduce)
-    meter = train_mod.EpochMeter(torch.device("meta"))  # a device that is not the CPU, as a GPU would be
+    monkeypatch.setattr(dist_mod.dist, "all_reduce", all_reduce)
+    meter = dist_mod.EpochMeter(torch.device("meta"))  # a device that is not the CPU, as a GPU would be
     meter.add(torch.ones((), device="meta"), 4)
     with pytest.raises(Stop):
         meter.totals(world=2)
@@ -185,8 +187,8 @@ def test_epoch_totals_are_reduced_on_the_training_device(monkeypatch):
 
 def test_epoch_meter_sums_over_ranks(monkeypatch):
     fake = FakeDist(0, 3)
-    monkeypatch.setattr(train_mod, "dist", fake)
-    meter = train_mod.EpochMeter(torch.device("cpu"))
+    monkeypatch.setattr(dist_mod, "dist", fake)
+    meter = dist_mod.EpochMeter(torch.device("cpu"))
     for loss, n in ((1.5, 4), (0.5, 2)):
         meter.add(torch.tensor(loss, requires_grad=True), n)
     assert meter.totals(world=1) == (2.0, 2, 6)
@@ -197,16 +199,16 @@ def test_epoch_meter_sums_over_ranks(monkeypatch):
 def test_dist_setup_on_gpus_uses_nccl_with_a_long_timeout(monkeypatch):
     fake = FakeDist(1, 2)
     chosen = []
-    monkeypatch.setattr(train_mod, "dist", fake)
+    monkeypatch.setattr(dist_mod, "dist", fake)
     monkeypatch.setattr(device_mod, "_visible_gpus", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    rank, world, dev = train_mod._dist_setup("cuda")
+    rank, world, dev = dist_mod.dist_setup("cuda")
     assert (rank, world, dev) == (1, 2, torch.device("cuda", 1)) and chosen == [torch.device("cuda", 1)]
     (_, backend, kw), = fake.calls
     assert backend == "nccl" and kw["timeout"] >= timedelta(hours=1)
-    train_mod._barrier(dev)
+    dist_mod.barrier(dev)
     assert fake.calls[-1] == ("barrier", {"device_ids": [1]})
 
 
@@ -225,11 +227,11 @@ class _TwoBranches(nn.Module):
 
 def test_unused_parameters_finds_what_gets_no_gradient_and_leaves_no_trace():
     x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
-    assert train_mod.unused_parameters(_TwoBranches(use_b=True), (x, y)) == []
+    assert dist_mod.unused_parameters(_TwoBranches(use_b=True), (x, y)) == []
     net = _TwoBranches(use_b=False).train()
     net.a.weight.grad = torch.ones_like(net.a.weight)
     stats = net.bn.running_mean.clone()
-    assert train_mod.unused_parameters(net, (x, y)) == ["b.weight", "b.bias"]
+    assert dist_mod.unused_parameters(net, (x, y)) == ["b.weight", "b.bias"]
     assert torch.equal(net.a.weight.grad, torch.ones_like(net.a.weight)) and net.b.weight.grad is None
     assert net.training and torch.equal(net.bn.running_mean, stats)
 
@@ -239,7 +241,7 @@ def test_unused_parameters_finds_what_gets_no_gradient_and_leaves_no_trace():
 def test_unused_parameters_of_timm_bodies(arch, expected):
     net = TrainNet(build_model(arch, 8, announce=False), MetricLoss(make_head("arcface", 8, 5)))
     example = (torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
-    assert train_mod.unused_parameters(net, example) == expected
+    assert dist_mod.unused_parameters(net, example) == expected
 
 
 # -- precision ----------------------------------------------------------------------------------------
