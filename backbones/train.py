@@ -48,7 +48,7 @@ from backbones.sampler import PKSampler
 from backbones.transforms import AugmentConfig, TrainDataset, train_collate, train_transform
 from backbones.warm_start import gem_features, init_neck_from_features
 from competition.cli import run_command, show_progress
-from competition.data import scan_train
+from competition.data import LoadReport, UnreadableImage, scan_train
 from competition.metrics import file_keys
 from competition.split import HeldoutSplit, make_split, split_labels
 
@@ -193,7 +193,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
                "n_train_images": len(train_index), "pretrained": cfg.pretrained, "ema": cfg.ema,
                "timm_version": timm.__version__, "train_config": asdict(cfg)}
 
-    start_epoch, best, step, bad, rows = 0, -1.0, 0, {}, []
+    start_epoch, best, step, rows = 0, -1.0, 0, []
+    unreadable = LoadReport()   # unreadable training images met, each named in a warning when first met
     if cfg.resume:
         got = ckpt.load_last(run_dir)
         if got is None:
@@ -215,7 +216,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             if ema is not None and st.get("ema") is not None:
                 ema.load_state_dict(st["ema"])
             ckpt.set_rng_state(st["rng"])
-            start_epoch, best, step, bad = st["epoch"], st["best"], st["step"], dict(st["bad_images"])
+            start_epoch, best, step = st["epoch"], st["best"], st["step"]
+            unreadable.skipped.update(st["bad_images"])
             rows = [r for r in ckpt.read_log(run_dir) if r["epoch"] <= start_epoch]
             say(f"resuming {run_dir} after epoch {start_epoch} (step {step}"
                 + (f", best mAP@{cfg.k} {best:.4f})" if best is not None and best >= 0 else ")"))
@@ -265,7 +267,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         for i, (x, y, bad_b) in enumerate(loader):
             if i >= n_batches:
                 break
-            bad.update(bad_b)
+            for path, reason in bad_b:
+                unreadable.record_failure(UnreadableImage(path, reason))
             if x is None:
                 continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -324,7 +327,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "sampler": sampler.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None, "rng": ckpt.rng_state(),
-                "bad_images": sorted(bad.items())})
+                "bad_images": sorted(unreadable.skipped.items())})
             rows.append(row)
             ckpt.write_log(run_dir, rows, cfg.k)
             say_epoch(f"epoch {epoch}: loss {row['loss']:.4f} lr {row['lr']:.2e} {speed:.1f} img/s"
@@ -335,10 +338,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
             break
     if world > 1:
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, bad)
-        bad = {kk: v for g in gathered for kk, v in g.items()}
+        dist.all_gather_object(gathered, unreadable.skipped)
+        unreadable.skipped = {kk: v for g in gathered for kk, v in g.items()}
+    bad = list(unreadable.skipped)
     if bad:
-        say(f"{len(bad)} unreadable training images skipped, e.g. {list(bad)[:3]}")
+        say(f"{len(bad)} unreadable training images skipped, e.g. {bad[:3]}")
     say(f"done: epoch {epoch}, " + (f"best held-out mAP@{cfg.k} {best:.4f}" if has_val else
                                     "no held-out classes: the last epoch's weights")
         + f"; weights in {run_dir / ckpt.WEIGHTS_FILE}")

@@ -35,24 +35,6 @@ from tuning.search import split_halves
 from tuning.table import describe_test_set
 
 
-def with_distractors(heldout: HeldoutSet, n: int | None, seed: int = 0) -> HeldoutSet:
-    """``heldout`` with (a seeded sample of ``n``, None = all) train-class descriptors added as references."""
-    n_train = len(heldout.train[0])
-    idx = np.arange(n_train) if n is None or n >= n_train else np.sort(
-        np.random.default_rng(seed).choice(n_train, n, replace=False))
-    labels = np.array([f"train-distractor-{i}" for i in idx])   # never a query's class
-    return HeldoutSet(heldout.member_names, heldout.query, [np.concatenate([r, t[idx]]) for r, t in
-                                                            zip(heldout.reference, heldout.train)],
-                      heldout.train, heldout.query_labels, np.concatenate([heldout.reference_labels, labels]))
-
-
-def query_subset(heldout: HeldoutSet, classes: list[str]) -> HeldoutSet:
-    """Only the queries of ``classes``; every reference stays."""
-    keep = np.isin(heldout.query_labels, classes)
-    return HeldoutSet(heldout.member_names, [q[keep] for q in heldout.query], heldout.reference, heldout.train,
-                      heldout.query_labels[keep], heldout.reference_labels)
-
-
 def sample_posts(heldout: HeldoutSet, n: int, seed: int, space: SearchSpace) -> list:
     """``n`` post-processings drawn at random from the search space."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -81,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     test = describe_test_set(bundle, Path(a.data), Path(a.bundle).parent / "cache", a.device)
     search, _check, search_classes, _ = split_halves(heldout, 0)
     n_ref = len(heldout.reference_labels)
-    variants = {"search-half": search, "gallery": query_subset(heldout, search_classes),
-                "gallery+train(n_ref)": query_subset(with_distractors(heldout, n_ref), search_classes),
-                "gallery+train(all)": query_subset(with_distractors(heldout, None), search_classes)}
+    variants = {"search-half": search, "gallery": heldout.query_classes(search_classes),
+                "gallery+train(n_ref)": heldout.with_distractors(n_ref).query_classes(search_classes),
+                "gallery+train(all)": heldout.with_distractors(None).query_classes(search_classes)}
     posts = sample_posts(heldout, a.trials, a.seed, SearchSpace())
     scores = {name: [] for name in [*variants, "test"]}
     seconds = {name: 0.0 for name in variants}

@@ -8,7 +8,7 @@ unreadable). ``cached_describe`` reuses every entry whose file is
 unchanged, extracts only new or modified images (in chunk-sized batches, each
 written as its own chunk), drops entries of images no longer asked for, and
 returns float32 descriptors in the order asked. Unreadable images are recorded and
-not retried until their size or mtime changes. All writes are atomic.
+not retried until their size or mtime changes (each is still named in a warning). All writes are atomic.
 """
 from __future__ import annotations
 
@@ -200,6 +200,7 @@ class DescriptorCache:
         entries = self.manifest["entries"]
         todo: list[tuple[str, Path, tuple[int, int]]] = []
         missing: list[str] = []
+        known_bad: list[Path] = []   # unreadable at their last extraction and unchanged: not retried
         reused = 0
         for key, path in zip(keys, paths):
             st = _stat(path)
@@ -209,6 +210,8 @@ class DescriptorCache:
             e = entries.get(key)
             if e is not None and (e["size"], e["mtime"]) == st:
                 reused += 1
+                if e.get("unreadable"):
+                    known_bad.append(path)
             else:
                 todo.append((key, path, st))
         dropped = 0
@@ -241,6 +244,9 @@ class DescriptorCache:
                 ok[i] = True
         desc = self._gather(where) if where else np.zeros((0, self.manifest["dim"] or 0), np.float32)
         unreadable = [str(p) for p, good in zip(paths, ok) if not good]
+        for path in known_bad:   # the extractor named the others; these it did not see this time
+            warnings.warn(f"skipping unreadable image {path} (unreadable when last extracted, unchanged since)",
+                          stacklevel=2)
         if unreadable:
             warnings.warn(f"{self.folder}: {len(unreadable)} unreadable or missing images, e.g. "
                           f"{unreadable[:3]}", stacklevel=2)

@@ -34,7 +34,7 @@ def world(tmp_path, monkeypatch):
 
     monkeypatch.setattr(main, "nsml", SimpleNamespace(load_path=lambda path: calls.append("load"), infer=infer))
     state = main.SessionState(str(data), top_k=1000, device="cpu")
-    args = argparse.Namespace(checkpoint="unused", out=str(tmp_path / "out"), picture=3)
+    args = argparse.Namespace(checkpoint="unused", out=str(tmp_path / "out"), picture=3, k=1000)
     return SimpleNamespace(data=data, state=state, args=args, calls=calls, out=tmp_path / "out")
 
 

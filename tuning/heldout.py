@@ -50,6 +50,26 @@ class HeldoutSet:
         return HeldoutSet(self.member_names, [q[qm] for q in self.query], [r[rm] for r in self.reference],
                           self.train, self.query_labels[qm], self.reference_labels[rm])
 
+    def query_classes(self, classes: set[str] | list[str]) -> "HeldoutSet":
+        """Return the queries whose class is in ``classes``; every reference stays (the others are
+        distractors from unseen classes)."""
+        qm = np.isin(self.query_labels, list(set(classes)))
+        return HeldoutSet(self.member_names, [q[qm] for q in self.query], self.reference, self.train,
+                          self.query_labels[qm], self.reference_labels)
+
+    def with_distractors(self, n: int | None, seed: int = 0) -> "HeldoutSet":
+        """Return the set with ``n`` train-class descriptors (a seeded sample; None: all) added to the
+        references as distractors that are relevant to no query."""
+        n_train = len(self.train[0])
+        n = n_train if n is None else min(int(n), n_train)
+        if n <= 0:
+            return self
+        idx = np.sort(np.random.default_rng(seed).choice(n_train, n, replace=False))
+        labels = np.array([f"\0distractor {i}" for i in idx])   # no class name starts with a NUL
+        return HeldoutSet(self.member_names, self.query,
+                          [np.concatenate([r, t[idx]]) for r, t in zip(self.reference, self.train)],
+                          self.train, self.query_labels, np.concatenate([self.reference_labels, labels]))
+
 
 def heldout_set(bundle) -> HeldoutSet:
     """Return the ``HeldoutSet`` (float32 unit rows) of an ``ensemble.Bundle``'s cached held-out
