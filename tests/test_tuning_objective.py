@@ -88,3 +88,36 @@ def test_split_halves_are_disjoint_self_contained_and_seeded(tuning_heldout):
     h.reference_labels = np.array([int(x[1:]) for x in h.reference_labels])
     s2, c2, *_ = split_halves(h)
     assert len(s2.query_labels) + len(c2.query_labels) == len(h.query_labels)
+
+
+def test_gallery_problems_rank_each_half_against_every_reference_and_distractors(tuning_heldout):
+    from tuning.search import SearchConfig, tuning_problems
+
+    h = tuning_heldout
+    n_ref, n_train = len(h.reference_labels), len(h.train[0])
+    search, check, s_cls, c_cls = tuning_problems(h, SearchConfig(distractors="references"))
+    for problem, classes in ((search, s_cls), (check, c_cls)):
+        assert set(problem.query_labels) == set(classes)
+        assert len(problem.reference_labels) == 2 * n_ref                 # every reference + as many distractors
+        assert set(problem.reference_labels[:n_ref]) == set(h.reference_labels)
+        distractors = problem.reference_labels[n_ref:]
+        assert not set(distractors) & set(h.query_labels) and len(set(distractors)) == n_ref
+        for m in range(len(h.member_names)):                                  # the distractors are train images
+            rows = {tuple(r) for r in np.round(h.train[m], 6)}
+            assert all(tuple(r) in rows for r in np.round(problem.reference[m][n_ref:], 6))
+    assert len(tuning_problems(h, SearchConfig(distractors="all"))[0].reference_labels) == n_ref + n_train
+    assert len(tuning_problems(h, SearchConfig(distractors=0))[0].reference_labels) == n_ref
+    halves = tuning_problems(h, SearchConfig(objective="halves"))[0]
+    assert set(halves.reference_labels) == set(s_cls)
+    # a gallery is harder than a self-contained half: the score cannot be higher
+    post = PostProcessing()
+    assert evaluate(search, post)["map_at_k"] <= evaluate(halves, post)["map_at_k"] + 1e-9
+
+
+def test_a_saturated_study_warns_and_says_what_to_change(tuning_heldout):
+    from tuning.search import split_warnings
+
+    big = tuning_heldout
+    assert not [w for w in split_warnings(big, [0.7, 0.8]) if "saturates" in w]
+    saturated = [w for w in split_warnings(big, [0.5, 0.985]) if "saturates" in w]
+    assert saturated and "--distractors all" in saturated[0] and "0.985" in saturated[0]

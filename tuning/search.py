@@ -60,6 +60,10 @@ class SearchConfig:
     stale_after_s: float | None = None  # RUNNING trials of other hosts older than this are stale
     heartbeat_s: int | None = None      # RDB storages: Optuna heartbeat for workers on several hosts
     device: str = "cpu"
+    objective: str = "gallery"     # "gallery": each half's queries against every held-out reference;
+    #                                "halves": two self-contained problems (see ``tuning_problems``)
+    distractors: str | int = "references"   # train-class distractors in the gallery: a count,
+    #                                "references" (as many as the held-out references), "all" or 0
 
 
 MIN_SEARCH_QUERIES = 20   # fewer held-out queries in the search half: its mAP is too noisy to tune on
@@ -115,6 +119,42 @@ def split_halves(heldout: HeldoutSet, seed: int = 0) -> tuple[HeldoutSet, Heldou
             [str(c) for c in search], [str(c) for c in check])
 
 
+def distractor_count(setting: str | int, heldout: HeldoutSet) -> int:
+    """How many train-class distractors ``setting`` (a count, "references", "all") means for ``heldout``."""
+    if setting == "references":
+        return len(heldout.reference_labels)
+    if setting == "all":
+        return len(heldout.train[0])
+    try:
+        n = int(setting)
+    except (TypeError, ValueError):
+        raise UserError(f"distractors must be a count, 'references' or 'all', got {setting!r}") from None
+    if n < 0:
+        raise UserError(f"distractors must be >= 0, got {n}")
+    return n
+
+
+def tuning_problems(heldout: HeldoutSet, config: SearchConfig) -> tuple[HeldoutSet, HeldoutSet, list[str], list[str]]:
+    """The study's problem and the check problem: (search, check, search_classes, check_classes).
+
+    The held-out classes are split (seeded) into a search half and a check half. With
+    ``objective="gallery"`` (the default) each half's queries are ranked against one gallery that
+    resembles a test's: every held-out reference plus ``distractors`` train-class images, so the
+    other half's classes and the train classes are distractors and the score does not saturate as a
+    few-class problem does. ``"halves"``: two self-contained problems, each its own classes only.
+    """
+    search_half, check_half, search_classes, check_classes = split_halves(heldout, config.split_seed)
+    if config.objective == "halves":
+        return search_half, check_half, search_classes, check_classes
+    if config.objective != "gallery":
+        raise UserError(f"objective must be 'gallery' or 'halves', got {config.objective!r}")
+    gallery = heldout.with_distractors(distractor_count(config.distractors, heldout), seed=config.split_seed)
+    return gallery.query_classes(search_classes), gallery.query_classes(check_classes), search_classes, check_classes
+
+
+SATURATED = 0.98   # a best trial at or above this cannot be told from its neighbours
+
+
 def split_warnings(search_half: HeldoutSet, values: list[float], k: int = 1000) -> list[str]:
     """Plain sentences on why a search half cannot inform the tuning ([] when it can).
 
@@ -129,6 +169,9 @@ def split_warnings(search_half: HeldoutSet, values: list[float], k: int = 1000) 
     if values and min(values) >= 1.0 - 1e-9:
         out.append(f"every one of the {len(values)} completed trials scored mAP@{k} 1.0 on the search half: "
                    f"the held-out split is too easy to tell parameters apart and the best trial is arbitrary; {fix}")
+    elif values and max(values) >= SATURATED:
+        out.append(f"the best trials score mAP@{k} {max(values):.3f} on the search half: the objective saturates "
+                   f"and cannot tell the best configurations apart; add distractors (--distractors all) or {fix}")
     return out
 
 
@@ -218,7 +261,7 @@ def _run_search(heldout: HeldoutSet, config: SearchConfig | None, storage: str |
                 study_name: str | None) -> SearchResult:
     config = config or SearchConfig()
     space = config.space
-    search_half, check_half, search_classes, check_classes = split_halves(heldout, config.split_seed)
+    search_half, check_half, search_classes, check_classes = tuning_problems(heldout, config)
     study, created = _create_or_load(study_name or "postprocessing", open_storage(storage, config.heartbeat_s),
                                      config.seed)
     study.set_user_attr("search_classes", search_classes)
@@ -307,6 +350,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=number(int, 0), default=0, metavar="N",
                     help="TPE sampler seed (use a different one per worker)")
     ap.add_argument("--k", type=number(int, 1), default=1000, metavar="N", help="the study maximises mAP@k")
+    ap.add_argument("--objective", choices=["gallery", "halves"], default="gallery",
+                    help="gallery: each half's queries against every held-out reference plus distractors; "
+                         "halves: two self-contained problems")
+    ap.add_argument("--distractors", default="references", metavar="N|references|all",
+                    help="train-class images added to the gallery as distractors")
     ap.add_argument("--split-seed", type=number(int, 0), default=0, metavar="N",
                     help="seed of the search/check split of the held-out classes")
     ap.add_argument("--no-kreciprocal", action="store_true", help="leave k-reciprocal re-ranking out of the search")
@@ -323,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = SearchConfig(n_trials=args.trials, timeout=args.timeout, n_jobs=args.n_jobs, seed=args.seed,
-                          k=args.k, split_seed=args.split_seed, space=SearchSpace(kreciprocal=not args.no_kreciprocal),
+                          k=args.k, split_seed=args.split_seed, objective=args.objective,
+                          distractors=args.distractors, space=SearchSpace(kreciprocal=not args.no_kreciprocal),
                           stale_after_s=args.stale_after, heartbeat_s=args.heartbeat)
     r = tune_bundle(args.bundle, config, storage=args.storage, study_name=args.study,
                     write_report=not args.no_report)
