@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 
 from tuning.recipe import parse_args, resolve
-from tuning.recipe_config import RecipeConfig, RecipeError, load_recipe, to_toml
+from tuning.recipe_config import RecipeError, demo_recipe, load_recipe, to_toml
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_demo_file_is_the_built_in_default():
     cfg = load_recipe(REPO / "recipes" / "demo.toml")
-    cfg.out = RecipeConfig().out
-    assert cfg == RecipeConfig()
+    cfg.out = demo_recipe().out
+    assert cfg == demo_recipe()
 
 
 @pytest.mark.parametrize("name", ["demo", "grocery-cpu", "grocery-gpu"])
@@ -66,10 +66,10 @@ def test_paths_are_relative_to_the_file(tmp_path):
 
 def test_command_line_overrides_the_file():
     args = parse_args(["--config", str(REPO / "recipes" / "demo.toml"), "--epochs", "2", "--trials", "7",
-                       "--members", "resnet10t", "regnet", "--set", "members.regnet.lr=0.01",
+                       "--members", "resnet10t", "vgg11", "--set", "members.vgg11.lr=0.01",
                        "--set", "synth.test_classes=20", "--devices", "cpu", "cpu", "--refit", "--k", "100"])
     cfg = resolve(args)
-    assert [m.name for m in cfg.members] == ["resnet10t", "regnet"]
+    assert [m.name for m in cfg.members] == ["resnet10t", "vgg11"]
     assert all(m.options["epochs"] == 2 for m in cfg.members) and cfg.members[1].options["lr"] == 0.01
     assert (cfg.trials, cfg.k, cfg.refit, cfg.parallel, cfg.synth["test_classes"]) == (7, 100, True, 2, 20)
     with pytest.raises(RecipeError, match="no member named.*'nope'"):

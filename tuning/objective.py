@@ -167,6 +167,23 @@ def default_params(member_names: Sequence[str], space: SearchSpace) -> dict[str,
     return params
 
 
+def standard_params(member_names: Sequence[str], space: SearchSpace, max_dim: int,
+                    stage: str = "kreciprocal") -> dict[str, Any]:
+    """Trial parameters of the textbook post-processing, cumulative by ``stage``: "whiten" (PCA-whitening
+    at power 0.5), "expand" (+ DBA and aQE over 2 neighbours, alpha 3), "kreciprocal" (+ k1 20,
+    k2 6, lambda 0.3, clamped to ``space``). A study starts from it as from the untuned defaults, so
+    the tuned result is never below the textbook one on the search problem."""
+    params = default_params(member_names, space)
+    if max_dim >= 2:
+        params.update(whiten=True, whiten_dim=max_dim, whiten_power=0.5)
+    if stage in ("expand", "kreciprocal"):
+        params.update(dba_n=min(2, space.max_dba_n), dba_alpha=3.0, aqe_n=min(2, space.max_aqe_n), aqe_alpha=3.0)
+    if stage == "kreciprocal" and space.kreciprocal:
+        params.update(kreciprocal=True, k1=min(max(20, space.k1_range[0]), space.k1_range[1]),
+                      k2=min(max(6, space.k2_range[0]), space.k2_range[1]), lambda_value=0.3)
+    return params
+
+
 def fit_space(space: SearchSpace, n_queries: int, n_references: int) -> SearchSpace:
     """Narrow the size-bound ranges to a set of ``n_queries`` + ``n_references``: k1/k2 to
     n_queries + n_references - 1, the DBA and aQE neighbour counts to n_references

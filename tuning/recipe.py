@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from competition.cli import ArgumentParser, number, run_command
@@ -28,7 +28,7 @@ from competition.data import LABELS_FILE, DataError, scan_train
 from competition.fileio import atomic_write_json, atomic_write_text, sha256_file
 from competition.split import HeldoutSplit, make_split
 from tuning.heldout import heldout_set
-from tuning.recipe_config import RECIPE_FILE, RecipeConfig, apply_overrides, load_recipe, to_toml
+from tuning.recipe_config import RECIPE_FILE, RecipeConfig, apply_overrides, demo_recipe, load_recipe, to_toml
 from tuning.steps import StepRecord, config_hash
 from tuning.table import describe_test_set, format_table, plot_table, score_rows, stage_rows, table_for_file
 
@@ -102,14 +102,16 @@ def _train_in_process(options: dict) -> dict:
     return train(TrainConfig.from_dict(options))
 
 
-def _train_in_subprocess(options: dict, log_path: str, threads: int) -> dict:
-    """A worker process: train one member with its own log and thread count (picklable, for spawn)."""
+def _train_in_subprocess(options: dict, log_path: str, threads: int) -> tuple[dict, float]:
+    """A worker process: train one member with its own log and thread count (picklable, for spawn);
+    returns (train's result, seconds it took)."""
     import contextlib
 
     import torch
     torch.set_num_threads(threads)
+    t0 = time.time()
     with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        return _train_in_process({**options, "progress": False})
+        return _train_in_process({**options, "progress": False}), time.time() - t0
 
 
 def train_members(cfg: RecipeConfig, data: Path, split: HeldoutSplit | None, folder: str = "members",
@@ -151,21 +153,21 @@ def train_members(cfg: RecipeConfig, data: Path, split: HeldoutSplit | None, fol
             record(name, options, step, config, _train_in_process(options), time.time() - t0)
         return done
     threads = max(1, (os.cpu_count() or 1) // cfg.parallel)
-    say(f"training {len(todo)} {label}s, {cfg.parallel} at a time ({threads} threads each); logs in "
-        f"{out / folder}/<name>/train.log")
+    each = f"{threads} thread{'s' if threads > 1 else ''} each"
+    say(f"training {len(todo)} {label}s, {cfg.parallel} at a time ({each}); logs in {out / folder}/<name>/train.log")
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=cfg.parallel, mp_context=ctx) as pool:
         started = {}
-        for name, options, step, config in todo:
+        for name, options, step, config in todo:   # in recipe order: list the longest member first
             Path(options["out"]).mkdir(parents=True, exist_ok=True)
             log = str(Path(options["out"]) / "train.log")
-            started[name] = (pool.submit(_train_in_subprocess, options, log, threads), options, step, config,
-                             time.time())
-        for name, (future, options, step, config, t0) in started.items():
-            result = future.result()
-            record(name, options, step, config, result, time.time() - t0)
+            started[pool.submit(_train_in_subprocess, options, log, threads)] = (name, options, step, config)
+        for future in as_completed(started):
+            name, options, step, config = started[future]
+            result, seconds = future.result()
+            record(name, options, step, config, result, seconds)
             best = result.get("best")
-            say(f"{label} {name} done in {time.time() - t0:.0f} s"
+            say(f"{label} {name} done in {seconds:.0f} s"
                 + (f": best held-out mAP@{cfg.k} {best:.4f}" if best is not None else ""))
     return done
 
@@ -204,10 +206,11 @@ def tune_step(cfg: RecipeConfig, bundle_dir: Path) -> None:
         return
     step = StepRecord.of(cfg.out, "tuning")
     study_config = {"bundle": StepRecord.of(cfg.out, "bundle").info().get("id"), "k": cfg.k, "seed": cfg.seed,
-                    "storage": cfg.storage}
+                    "storage": cfg.storage, "distractors": cfg.distractors}
     if step.changes({**study_config, "trials": cfg.trials}) == []:
         return
-    result = tune_bundle(bundle_dir, SearchConfig(n_trials=cfg.trials, seed=cfg.seed, k=cfg.k),
+    result = tune_bundle(bundle_dir, SearchConfig(n_trials=cfg.trials, seed=cfg.seed, k=cfg.k,
+                                                  distractors=cfg.distractors),
                          storage=cfg.storage or None, study_name=f"postprocessing-{config_hash(study_config)}")
     step.finish({**study_config, "trials": cfg.trials}, best=result.best_value)
     say(f"tuned, {result.rate_line()}: held-out search half mAP@{cfg.k} {result.best_value:.4f} "
@@ -270,8 +273,7 @@ def run_recipe(cfg: RecipeConfig) -> list[dict]:
     has_labels = (data / LABELS_FILE).is_file()
     cache = out / "cache"
     test = describe_test_set(bundle, data, cache, cfg.devices[0]) if has_labels else None
-    n_images = min(len(heldout.reference_labels), len(test.reference_labels) if test else 10**9)
-    table = score_rows(stage_rows(bundle.member_names, bundle.post, n_images), heldout, test, cfg.k)
+    table = score_rows(stage_rows(heldout, bundle.post), heldout, test, cfg.k)
     for r in table:
         name = r["row"].removesuffix(" alone")
         if name in members:
@@ -331,7 +333,7 @@ def parse_args(argv: list[str] | None = None):
 
 def resolve(args) -> RecipeConfig:
     """The recipe file (or the embedded demo) with the command line laid over it."""
-    cfg = load_recipe(args.config) if args.config else RecipeConfig()
+    cfg = load_recipe(args.config) if args.config else demo_recipe()
     values = {k: getattr(args, k) for k in ("out", "data", "heldout", "epochs", "image_size", "trials", "k",
                                              "storage", "seed", "devices", "parallel", "workers", "refit")}
     if args.devices and args.parallel is None:

@@ -37,7 +37,17 @@ from competition.cli import ArgumentParser, UserError, number, run_command, show
 from competition.metrics import file_keys
 from ensemble.postprocess import PostProcessing
 from tuning.heldout import HeldoutSet, heldout_set
-from tuning.objective import SearchSpace, WhiteningCache, build_objective, default_params, evaluate, post_from_params
+from tuning.objective import (
+    SearchSpace,
+    WhiteningCache,
+    build_objective,
+    default_params,
+    evaluate,
+    fit_space,
+    max_whiten_dim,
+    post_from_params,
+    standard_params,
+)
 from tuning.workers import DEFAULTS_ATTR, is_stale, open_storage, recover_stale_trials
 
 __all__ = ["SearchConfig", "SearchResult", "is_stale", "main", "open_storage", "recover_stale_trials", "run_search",
@@ -268,6 +278,9 @@ def _run_search(heldout: HeldoutSet, config: SearchConfig | None, storage: str |
     defaults = default_params(heldout.member_names, space)
     if created:  # only the worker that created the study enqueues them: no duplicate with several workers
         study.enqueue_trial(defaults, user_attrs={DEFAULTS_ATTR: True}, skip_if_exists=True)
+        fitted = fit_space(space, len(search_half.query_labels), len(search_half.reference_labels))
+        study.enqueue_trial(standard_params(heldout.member_names, fitted, max_whiten_dim(heldout)),
+                            skip_if_exists=True)
     cache = WhiteningCache(heldout.train)
     objective = build_objective(search_half, space, k=config.k, cache=cache, n_trials=config.n_trials,
                                 device=config.device, stale_after_s=config.stale_after_s)

@@ -8,7 +8,6 @@ computes them; a row's ``heldout`` or ``test`` is None where it cannot be scored
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,8 @@ import numpy as np
 from competition.data import QUERY_DIR, REFERENCE_DIR, image_name, list_images, read_labels
 from competition.metrics import file_keys
 from ensemble.postprocess import PostProcessing
-from rerank.pipeline import RerankParams
 from tuning.heldout import HeldoutSet
-from tuning.objective import evaluate
+from tuning.objective import SearchSpace, evaluate, max_whiten_dim, post_from_params, standard_params
 
 
 def describe_test_set(bundle, data: Path, cache_dir: Path, device: str) -> HeldoutSet:
@@ -34,19 +32,17 @@ def describe_test_set(bundle, data: Path, cache_dir: Path, device: str) -> Heldo
     return HeldoutSet(bundle.member_names, query, reference, bundle.train_descriptors(), q_labels, r_labels)
 
 
-def stage_rows(member_names: list[str], tuned: PostProcessing, n_images: int) -> dict[str, PostProcessing]:
-    """The table's rows: each member alone, then the ensemble with one more stage each, then tuned."""
-    n = len(member_names)
+def stage_rows(heldout: HeldoutSet, tuned: PostProcessing) -> dict[str, PostProcessing]:
+    """The table's rows: each member alone, then the ensemble with one more textbook stage each
+    (``tuning.objective.standard_params``), then tuned."""
+    names, space = heldout.member_names, SearchSpace()
+    n = len(names)
     rows = {f"{name} alone": PostProcessing(weights=[float(i == j) for j in range(n)])
-            for i, name in enumerate(member_names)}
+            for i, name in enumerate(names)}
     rows["ensemble, equal weights"] = PostProcessing()
-    whitened = PostProcessing(whiten=True, whiten_power=0.5)
-    rows["+ PCA-whitening"] = whitened
-    expanded = replace(whitened, rerank=RerankParams(dba_n=1, dba_alpha=3.0, aqe_n=2, aqe_alpha=3.0))
-    rows["+ DBA/aQE"] = expanded
-    k1 = max(2, min(20, n_images // 4))
-    rows["+ k-reciprocal (defaults)"] = replace(expanded, rerank=replace(
-        expanded.rerank, use_kreciprocal=True, k1=k1, k2=min(6, k1)))
+    for row, stage in (("+ PCA-whitening", "whiten"), ("+ DBA/aQE", "expand"),
+                       ("+ k-reciprocal (defaults)", "kreciprocal")):
+        rows[row] = post_from_params(standard_params(names, space, max_whiten_dim(heldout), stage), names, space)
     rows["tuned"] = tuned
     return rows
 
