@@ -1,14 +1,16 @@
 """Tuning throughput: Optuna trials per minute on a synthetic held-out split.
 
     python bench/bench_tuning.py [--queries 1000] [--refs 4000] [--dim 512] [--train 3000]
-                                 [--seconds 90] [--threads 2]
+                                 [--seconds 90] [--threads 2] [--objective gallery|halves] [--distractors N]
 
 Builds a 2-member held-out set (clustered random unit descriptors, ``--dim`` per
 member, so 2*dim concatenated) and runs ``run_search`` (in-memory storage) for
 ``--seconds`` per mode: the search space without k-reciprocal, and with it (then
 TPE switches k-reciprocal on in part of the trials; per-trial times are split by
-that flag). Note the study searches the *search half* of the held-out classes
-(about half the queries and references); a full-split ``evaluate`` is timed too.
+that flag). The study ranks the search half's queries (about half of them): against every
+held-out reference plus ``--distractors`` train images (``gallery``, the default), or
+against the search half's references alone (``halves``); a full-split ``evaluate`` is
+timed too.
 Prints a markdown table.
 """
 from __future__ import annotations
@@ -42,7 +44,8 @@ def synthetic_heldout(nq: int, nr: int, dim: int, n_train: int, n_classes: int =
                       names[ql], names[rl])
 
 
-def run_mode(heldout, seconds: float, kreciprocal: bool) -> dict:
+def run_mode(heldout, seconds: float, kreciprocal: bool, objective: str = "gallery",
+             distractors: str = "references") -> dict:
     """Run a study for ``seconds``; return trial counts and mean trial durations."""
     import optuna
 
@@ -50,7 +53,8 @@ def run_mode(heldout, seconds: float, kreciprocal: bool) -> dict:
     from tuning.search import SearchConfig, run_search
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    cfg = SearchConfig(n_trials=10_000, timeout=seconds, seed=0, space=SearchSpace(kreciprocal=kreciprocal))
+    cfg = SearchConfig(n_trials=10_000, timeout=seconds, seed=0, space=SearchSpace(kreciprocal=kreciprocal),
+                       objective=objective, distractors=distractors)
     t0 = time.perf_counter()
     r = run_search(heldout, cfg)
     wall = time.perf_counter() - t0
@@ -71,6 +75,9 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=3000)
     ap.add_argument("--seconds", type=float, default=90)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--objective", choices=["gallery", "halves"], default="gallery",
+                    help="the study's problem (tuning.search.tuning_problems)")
+    ap.add_argument("--distractors", default="references", help="train-class distractors in the gallery")
     args = ap.parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(args.threads))
@@ -83,7 +90,8 @@ def main() -> None:
 
     h = synthetic_heldout(args.queries, args.refs, args.dim, args.train)
     print(f"held-out: {args.queries} queries + {args.refs} references, 2 members x d={args.dim} "
-          f"({2 * args.dim} concatenated), {args.train} train images; python {platform.python_version()}")
+          f"({2 * args.dim} concatenated), {args.train} train images; objective {args.objective} "
+          f"(distractors {args.distractors}); python {platform.python_version()}")
     for name, post in [("plain", PostProcessing()),
                        ("whiten+DBA+aQE", PostProcessing(whiten=True, rerank=RerankParams(dba_n=5, aqe_n=5))),
                        ("k-reciprocal", PostProcessing(rerank=RerankParams(use_kreciprocal=True)))]:
@@ -94,7 +102,7 @@ def main() -> None:
           "mean s/trial with k-recip | best vs defaults (search half) |")
     print("|---|---|---|---|---|---|---|")
     for kr in (False, True):
-        m = run_mode(h, args.seconds, kr)
+        m = run_mode(h, args.seconds, kr, args.objective, args.distractors)
         mean = {f: (f"{np.mean(v):.2f} (n={len(v)})" if v else "-") for f, v in m["dur"].items()}
         print(f"| {'with' if kr else 'without'} k-reciprocal | {m['n']} | {m['search_time']:.0f} | "
               f"{m['per_min']:.1f} | {mean[False]} | {mean[True]} | {m['best']:.4f} vs {m['defaults']:.4f} |",
