@@ -5,11 +5,13 @@ body's GeM features f on a sample of train images. With mu their mean, U (C, d) 
 principal directions and lambda the variances along them:
 
     fc.weight = U^T,  bn.running_mean = U^T mu,  bn.running_var = lambda,
-    bn.weight = sqrt(lambda + eps),  bn.bias = 0
+    bn.weight = sqrt((lambda + eps) / mean(lambda + eps)),  bn.bias = 0
 
-so in evaluation mode the neck outputs U^T (f - mu): the network's descriptor at epoch 0 is
-the centred off-the-shelf GeM feature projected on its d main directions, L2-normalised. When
-d exceeds what the sample supports (d > min(C, n - 1)) the extra outputs start at 0.
+so in evaluation mode the neck outputs U^T (f - mu) / sqrt(mean lambda): the network's
+descriptor at epoch 0 is the centred off-the-shelf GeM feature projected on its d main
+directions, L2-normalised (the global factor only keeps the gradients through BatchNorm at
+their usual size: sqrt(lambda) itself would shrink them by the features' scale). When d
+exceeds what the sample supports (d > min(C, n - 1)) the extra outputs start at 0.
 """
 from __future__ import annotations
 
@@ -62,11 +64,12 @@ def init_neck_from_features(model: RetrievalNet, features: np.ndarray) -> str:
     var = np.ones(d)
     var[:k] = np.maximum(eigenvalues[order], 1e-12)
     bn = model.bn
+    scale = np.sqrt((var + bn.eps) / np.mean(var[:k] + bn.eps))   # relative scales; the mean gain is 1
     with torch.no_grad():
         model.fc.weight.copy_(torch.from_numpy(weight))
         bn.running_mean.copy_(torch.from_numpy(weight @ mu))
         bn.running_var.copy_(torch.from_numpy(var))
-        bn.weight.copy_(torch.from_numpy(np.sqrt(var + bn.eps)))
+        bn.weight.copy_(torch.from_numpy(scale))
         bn.weight[k:] = 1.0
         bn.bias.zero_()
     return (f"neck initialised from a PCA of the pretrained body's GeM features ({n} train images, "
