@@ -69,8 +69,8 @@ def test_command_line_overrides_the_file():
                        "--members", "resnet10t", "vgg11", "--set", "members.vgg11.lr=0.01",
                        "--set", "synth.test_classes=20", "--devices", "cpu", "cpu", "--refit", "--k", "100"])
     cfg = resolve(args)
-    assert [m.name for m in cfg.members] == ["resnet10t", "vgg11"]
-    assert all(m.options["epochs"] == 2 for m in cfg.members) and cfg.members[1].options["lr"] == 0.01
+    assert [m.name for m in cfg.members] == ["vgg11", "resnet10t"]  # the file's order: it fixes the concatenation
+    assert all(m.options["epochs"] == 2 for m in cfg.members) and cfg.members[0].options["lr"] == 0.01
     assert (cfg.trials, cfg.k, cfg.refit, cfg.parallel, cfg.synth["test_classes"]) == (7, 100, True, 2, 20)
     with pytest.raises(RecipeError, match="no member named.*'nope'"):
         resolve(parse_args(["--members", "nope"]))

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from tuning.objective import DEFAULTS_ATTR, WORKER_ATTR, default_params
 from tuning.search import (
     MIN_SEARCH_QUERIES,
+    SATURATED,
     SearchConfig,
     main,
     open_storage,
@@ -249,8 +250,8 @@ def test_cli_on_a_real_bundle(ens_env):
 
 
 def test_a_study_on_three_heldout_classes_completes_and_writes_its_result(tmp_path, monkeypatch, capsys):
-    """3 classes: the search half has 2 queries + 4 references, the check half 1 + 2. The forced
-    trial's k1 = 5 fits the search half only: the check half clamps it instead of failing."""
+    """3 classes, each half its own problem: the search half has 2 queries + 4 references, the check
+    half 1 + 2. The forced trial's k1 = 5 fits the search half only: the check half clamps it."""
     import types
 
     import tuning.search as search_mod
@@ -264,12 +265,13 @@ def test_a_study_on_three_heldout_classes_completes_and_writes_its_result(tmp_pa
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     with pytest.warns(UserWarning, match=r"k1 5 -> 2, k2 5 -> 2 for 1 queries \+ 2 references"):
-        assert main(["--bundle", str(bundle), "--trials", "1", "--storage", url, "--study", "s", "--no-report"]) == 0
+        assert main(["--bundle", str(bundle), "--trials", "1", "--storage", url, "--study", "s", "--no-report",
+                     "--objective", "halves"]) == 0
     assert "warning(s) above" in capsys.readouterr().out
     saved = json.loads((bundle / "postprocessing.json").read_text())["rerank"]
     assert saved["use_kreciprocal"] and (saved["k1"], saved["k2"]) == (5, 5)
     with pytest.warns(UserWarning, match="k1 5 -> 2"):  # the finished study, resumed: nothing runs
-        r = run_search(tiny, SearchConfig(n_trials=1), storage=url, study_name="s")
+        r = run_search(tiny, SearchConfig(n_trials=1, objective="halves"), storage=url, study_name="s")
     summary = json.loads(json.dumps(r.summary()))
     assert summary["n_complete"] == 1 and summary["warnings"] == r.warnings
     assert "only 2 held-out queries" in r.warnings[0] and "--heldout-fraction 0.4" in r.warnings[0]
@@ -281,7 +283,9 @@ def test_split_warnings_say_when_the_search_half_cannot_inform(tuning_heldout):
     [few] = split_warnings(small, [0.5, 0.7])
     assert f"only {len(small.query_labels)} held-out queries" in few and "--heldout-fraction 0.4" in few
     large = split_halves(make_heldout(n_classes=14))[0]  # 7 classes x 3 queries
-    assert len(large.query_labels) >= MIN_SEARCH_QUERIES and split_warnings(large, [0.5, 1.0]) == []
+    assert len(large.query_labels) >= MIN_SEARCH_QUERIES and split_warnings(large, [0.5, 0.9]) == []
+    [saturated] = split_warnings(large, [0.5, SATURATED])
+    assert "saturates" in saturated and "--distractors all" in saturated
     [perfect] = split_warnings(large, [1.0, 1.0, 1.0], k=100)
     assert "every one of the 3 completed trials scored mAP@100 1.0" in perfect
     assert "hold out a larger share of the train classes" in perfect
