@@ -75,9 +75,9 @@ class TrainConfig:
                                     "initialisation)", "model", metavar="SOURCE")
     embedding_dim: int = option(512, "descriptor dimension (the neck's output); 0: no neck, the descriptor is the "
                                 "body's GeM feature", "model", 0, 65536)
-    neck_init: str = option("auto", "the neck's initial weights: pca (from the pretrained body's GeM features on "
-                            "train images: epoch 0 is the off-the-shelf descriptor), random, or auto (pca with "
-                            "--pretrained)", "model", choices=("auto", "pca", "random"))
+    neck_init: str = option("random", "the neck's initial weights: random, or pca (from the pretrained body's GeM "
+                            "features on train images: epoch 0 is the off-the-shelf descriptor; measured slower to "
+                            "fine-tune, see BENCHMARKS.md)", "model", choices=("random", "pca"))
     freeze_bn: bool = option(False, "keep the body's BatchNorm statistics (small batches, fused pretrained "
                              "weights)", "model")
     channels_last: bool = option(False, "channels-last memory layout (faster convnets on CPU and with AMP)", "model")

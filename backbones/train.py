@@ -85,7 +85,7 @@ NECK_PCA_IMAGES = 1024   # train images whose body features initialise a pretrai
 
 
 def _neck_from_pca(cfg: TrainConfig, model: RetrievalNet) -> bool:
-    return model.has_neck and (cfg.neck_init == "pca" or (cfg.neck_init == "auto" and bool(cfg.pretrained)))
+    return model.has_neck and cfg.neck_init == "pca"
 
 
 def _changed_options(saved: dict | None, now: dict) -> list[str]:

@@ -1,6 +1,6 @@
-"""Where a fine-tuned member starts: at the off-the-shelf descriptor, not a random projection.
+"""``--neck-init pca``: a fine-tuned member that starts at the off-the-shelf descriptor.
 
-With pretrained weights the neck (Linear C -> d, BatchNorm1d d) is set from a PCA of the
+The neck (Linear C -> d, BatchNorm1d d) is set from a PCA of the
 body's GeM features f on a sample of train images. With mu their mean, U (C, d) the top
 principal directions and lambda the variances along them:
 
@@ -12,6 +12,9 @@ descriptor at epoch 0 is the centred off-the-shelf GeM feature projected on its 
 directions, L2-normalised (the global factor only keeps the gradients through BatchNorm at
 their usual size: sqrt(lambda) itself would shrink them by the features' scale). When d
 exceeds what the sample supports (d > min(C, n - 1)) the extra outputs start at 0.
+
+Not the default: on the grocery set a random neck starts as well (a random projection keeps
+the geometry) and fine-tunes faster (BENCHMARKS.md, "Fine-tuning a pretrained member").
 """
 from __future__ import annotations
 

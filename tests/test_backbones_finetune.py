@@ -1,4 +1,4 @@
-"""Fine-tuning that never loses to its starting point: the PCA neck, epoch 0 scored and kept,
+"""Fine-tuning that never loses to its starting point: epoch 0 scored and kept, the PCA neck,
 the network off the shelf as a member, a linear probe, layer-wise learning rates, the final
 refit on every class, and runs that refuse to overwrite or resume with other options."""
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _descriptors(model, paths):
 
 
 def test_epoch_zero_descriptor_is_the_centred_pca_of_the_pretrained_features(image_dataset, weights, tmp_path):
-    train_mod.train(_cfg(image_dataset, tmp_path / "run", pretrained=str(weights), epochs=0))
+    train_mod.train(_cfg(image_dataset, tmp_path / "run", pretrained=str(weights), epochs=0, neck_init="pca"))
     model, config = ckpt.load_run(tmp_path / "run", device="cpu")
     assert config["epoch"] == 0 and config["metrics"]["mAP@1000"] > 0
     split = json.loads((tmp_path / "run" / "split.json").read_text())

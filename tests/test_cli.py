@@ -77,3 +77,16 @@ def test_train_config_check_names_every_bad_option():
     with pytest.raises(ConfigError, match="unknown training option.*colour"):
         TrainConfig.from_dict({"data": "d", "out": "o", "colour": 1}, where="recipe.toml")
     assert str(info.value).count(";") == 1
+
+
+@pytest.mark.parametrize("module", ["backbones.config", "backbones.extract", "ensemble.build", "tuning.search",
+                                    "tuning.recipe", "competition.synth", "main", "bench.grocery",
+                                    "bench.objective_fidelity"])
+def test_every_command_prints_its_help(module, capsys):
+    """argparse formats help lazily: a stray ``%`` in one option's text breaks --help alone."""
+    import importlib
+    mod = importlib.import_module(module)
+    entry = mod.parse_args if module == "backbones.config" else mod.main
+    with pytest.raises(SystemExit) as info:
+        entry(["--help"])
+    assert info.value.code == 0 and "usage:" in capsys.readouterr().out

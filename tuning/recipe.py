@@ -320,7 +320,7 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--k", type=number(int, 1), metavar="N", help="mAP@k and the ranking length everywhere")
     ap.add_argument("--storage", metavar="URL", help="Optuna storage: journal:PATH or an RDB URL")
     ap.add_argument("--seed", type=number(int, 0), metavar="N", help="seed of data, split, members and study")
-    ap.add_argument("--devices", nargs="+", metavar="DEVICE", help="member i trains on devices[i % n]")
+    ap.add_argument("--devices", nargs="+", metavar="DEVICE", help="member i trains on devices[i %% n]")
     ap.add_argument("--parallel", type=number(int, 1, 64), metavar="N", help="members trained at once")
     ap.add_argument("--workers", type=number(int, 0), metavar="N", help="DataLoader workers per member")
     ap.add_argument("--refit", action=__import__("argparse").BooleanOptionalAction, default=None,
