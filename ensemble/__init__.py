@@ -15,7 +15,7 @@ members' unit rows weighted by sqrt(w_m / sum w), concatenated, optionally PCA-w
   members trained on another split or on held-out classes.
 """
 
-import importlib
+from competition.lazy import lazy_exports
 
 # name -> submodule; imported on first use, so ``python -m ensemble.<module>`` runs its module once
 _EXPORTS = {
@@ -46,10 +46,4 @@ _EXPORTS = {
     "normalize_weights": "combine",
     "open_member": "members",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)

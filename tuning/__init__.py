@@ -13,7 +13,7 @@ from an ensemble checkpoint by ``heldout_set(bundle)``; no image is read during 
   submission in one resumable command, with a table of what each stage adds.
 """
 
-import importlib
+from competition.lazy import lazy_exports
 
 # name -> submodule; imported on first use, so ``python -m tuning.<module>`` runs its module once
 _EXPORTS = {
@@ -27,10 +27,4 @@ _EXPORTS = {
     "run_search": "search",
     "tune_bundle": "search",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, _EXPORTS)
