@@ -90,3 +90,12 @@ def test_every_command_prints_its_help(module, capsys):
     with pytest.raises(SystemExit) as info:
         entry(["--help"])
     assert info.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_main_names_the_checkpoint_the_user_gave_not_its_private_copy(tmp_path):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "manifest.json").write_text("{not json")
+    (tmp_path / "ck" / "ensemble.json").write_text("{}")
+    res = _run([str(REPO / "main.py"), "--mode", "test", "--data", ".", "--checkpoint", "ck"], tmp_path)
+    assert res.returncode == 2 and res.stderr.startswith("error: "), res.stderr[-2000:]
+    assert "ck" in res.stderr and "kit-session" not in res.stderr
