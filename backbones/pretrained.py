@@ -162,7 +162,8 @@ def hub_cache_dir() -> str:
 def hub_offline() -> bool:
     """True when HF_HUB_OFFLINE asks huggingface_hub never to touch the network."""
     from huggingface_hub import constants
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return constants.HF_HUB_OFFLINE or flag in ("1", "ON", "YES", "TRUE")
 
 
 def hub_file(repo: str, filenames: tuple[str, ...], revision: str | None, label: str) -> Path:

@@ -189,7 +189,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     run_cfg = {"format": 1, "arch": spec["arch"], "arch_requested": cfg.arch, "image_size": cfg.image_size,
                "crop_pct": cfg.crop_pct, "embedding_dim": model.embedding_dim, "mean": spec["mean"],
                "std": spec["std"], "model": spec, "head": cfg.head, "scale": cfg.scale, "margin": cfg.margin,
-               "split_hash": split.hash, "split_file": ckpt.SPLIT_FILE, "train_classes": list(classes), "classes": list(classes),
+               "split_hash": split.hash, "split_file": ckpt.SPLIT_FILE, "train_classes": list(classes),
+               "classes": list(classes),
                "n_train_images": len(train_index), "pretrained": cfg.pretrained, "ema": cfg.ema,
                "timm_version": timm.__version__, "train_config": asdict(cfg)}
 

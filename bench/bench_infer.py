@@ -42,7 +42,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         members = []
         for m in range(args.members):
-            x = centres[rng.integers(0, len(centres), nq + nr)] + 0.8 * rng.normal(size=(nq + nr, args.d)).astype(np.float32)
+            noise = rng.normal(size=(nq + nr, args.d)).astype(np.float32)
+            x = centres[rng.integers(0, len(centres), nq + nr)] + 0.8 * noise
             x /= np.linalg.norm(x, axis=1, keepdims=True)
             np.save(Path(tmp) / f"m{m}.npy", x)
             (Path(tmp) / f"m{m}.txt").write_text("\n".join(names) + "\n")

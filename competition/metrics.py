@@ -40,7 +40,8 @@ def _codes(query_labels: Sequence, reference_labels: Sequence) -> tuple[np.ndarr
     return inverse[: len(q)].astype(np.int64), inverse[len(q):].astype(np.int64)
 
 
-def relevance(rankings: np.ndarray, query_labels: Sequence, reference_labels: Sequence) -> tuple[np.ndarray, np.ndarray]:
+def relevance(rankings: np.ndarray, query_labels: Sequence,
+              reference_labels: Sequence) -> tuple[np.ndarray, np.ndarray]:
     """Return (rel (nq, m) bool, n_relevant (nq,) int): the hit matrix and R per query."""
     rankings = np.asarray(rankings)
     if rankings.ndim != 2:

@@ -321,7 +321,8 @@ def generate(out_dir: str | Path, config: SynthConfig | None = None) -> dict:
     jobs, labels = [], []
     for ci in range(n):
         if split[ci] == "train":
-            items = [(f"train/train_data/{ids[ci]}/s{k}.jpg", [cfg.seed, 2, ci, k]) for k in range(cfg.images_per_class)]
+            items = [(f"train/train_data/{ids[ci]}/s{k}.jpg", [cfg.seed, 2, ci, k])
+                     for k in range(cfg.images_per_class)]
         else:
             items = []
             for k in range(cfg.queries_per_class + cfg.references_per_class):

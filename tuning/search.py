@@ -186,7 +186,8 @@ def split_warnings(search_half: HeldoutSet, values: list[float], k: int = 1000) 
 
 
 def _defaults_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get(DEFAULTS_ATTR)]
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get(DEFAULTS_ATTR)]
     return min(done, key=lambda t: t.number) if done else None
 
 
