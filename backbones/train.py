@@ -96,8 +96,8 @@ def _changed_options(saved: dict | None, now: dict) -> list[str]:
             if saved.get(k) != now.get(k)]
 
 
-def _get_split(cfg: TrainConfig, index, run_dir: Path, is_main: bool) -> HeldoutSplit:
-    """--split file, else the run's own split on resume, else a fresh seeded split."""
+def _get_split(cfg: TrainConfig, index, run_dir: Path) -> HeldoutSplit:
+    """--split file, else the run's own split on resume, else a fresh seeded split (checked, not saved)."""
     own = ckpt.split_path(run_dir)
     if cfg.split:
         split = HeldoutSplit.load(cfg.split)
@@ -106,8 +106,6 @@ def _get_split(cfg: TrainConfig, index, run_dir: Path, is_main: bool) -> Heldout
     else:
         split = make_split(index, cfg.heldout_fraction, seed=cfg.seed)
     split.check_against(index)
-    if is_main:
-        split.save(own)
     return split
 
 
@@ -150,8 +148,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     if not cfg.resume and (ckpt.is_run(run_dir) or ckpt.can_resume(run_dir)):
         raise ConfigError(f"--out {run_dir} already holds a run: pass --resume to continue it, or choose "
                           "another --out (or delete it)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    split = _get_split(cfg, index, run_dir, is_main)
+    split = _get_split(cfg, index, run_dir)
     train_index = index.subset(split.train_classes)
     classes = train_index.classes
     class_idx = {c: i for i, c in enumerate(classes)}
@@ -162,6 +159,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
 
     _seed_all(cfg.seed)
     model = build_model(cfg.arch, cfg.embedding_dim, cfg.pretrained, announce=is_main)
+    run_dir.mkdir(parents=True, exist_ok=True)   # only now: bad weights or data leave no --out behind
+    if is_main:
+        split.save(ckpt.split_path(run_dir))
     loss = MetricLoss(make_head(cfg.head, model.embedding_dim, len(classes), cfg.scale, cfg.margin),
                       cfg.triplet_weight, cfg.triplet_margin)
     net = TrainNet(model, loss).to(device)

@@ -146,6 +146,15 @@ def test_uncached_offline_is_one_line_with_the_way_out(hub, connects, capsys):
     assert connects == []
 
 
+def test_weights_that_cannot_be_had_leave_no_run_folder(hub, connects, image_dataset, tmp_path, capsys):
+    from backbones.train import main as train_main
+    out = tmp_path / "run"
+    argv = ["--data", str(image_dataset), "--out", str(out), "--arch", TINY, "--pretrained", "hf-hub:acme/not-cached"]
+    assert run_command(train_main, argv) == 2
+    assert "cannot fetch acme/not-cached" in capsys.readouterr().err and not out.exists()
+    assert run_command(train_main, argv) == 2 and not out.exists()   # the same answer again, not "already a run"
+
+
 def test_unreachable_hub_fails_after_one_probe(hub, monkeypatch, connects):
     from huggingface_hub.utils import _http
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
