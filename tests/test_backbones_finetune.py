@@ -70,6 +70,14 @@ def test_the_network_off_the_shelf_is_a_member(image_dataset, weights, tmp_path)
     ours = _descriptors(model, paths)
     theirs, ok = pretrained_gem(TINY, weights, paths, image_size=32, progress=False, device="cpu")
     assert ok.all() and np.allclose(ours, theirs, atol=1e-5)
+    from competition.split import HeldoutSplit
+    from ensemble.build import BuildOptions, build_bundle
+    from ensemble.members import open_member
+    split = HeldoutSplit.load(tmp_path / "shelf" / "split.json")
+    bundle, _ = build_bundle([open_member(tmp_path / "shelf")], image_dataset, split, tmp_path / "B",
+                             BuildOptions(progress=False))
+    assert bundle.member_names == ["shelf"] and bundle.ensemble(device="cpu").rank(
+        [str(p) for p in paths], [str(p) for p in paths], top_k=1).indices[:, 0].tolist() == list(range(len(paths)))
     with pytest.raises(ConfigError, match="--epochs 0.*--pretrained"):
         _cfg(image_dataset, tmp_path / "x", epochs=0).check()
 
