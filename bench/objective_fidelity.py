@@ -31,7 +31,7 @@ from competition.fileio import atomic_write_json
 from ensemble.bundle import Bundle
 from tuning.heldout import HeldoutSet, heldout_set
 from tuning.objective import SearchSpace, evaluate, max_whiten_dim, suggest_postprocessing
-from tuning.search import split_halves
+from tuning.search import SearchConfig, tuning_problems
 from tuning.table import describe_test_set
 
 
@@ -61,11 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     bundle = Bundle.load(a.bundle)
     heldout = heldout_set(bundle)
     test = describe_test_set(bundle, Path(a.data), Path(a.bundle).parent / "cache", a.device)
-    search, _check, search_classes, _ = split_halves(heldout, 0)
-    n_ref = len(heldout.reference_labels)
-    variants = {"search-half": search, "gallery": heldout.query_classes(search_classes),
-                "gallery+train(n_ref)": heldout.with_distractors(n_ref).query_classes(search_classes),
-                "gallery+train(all)": heldout.with_distractors(None).query_classes(search_classes)}
+    # the study's own search problem under each objective (tuning.search.tuning_problems)
+    variants = {name: tuning_problems(heldout, SearchConfig(**kw))[0] for name, kw in (
+        ("search-half", {"objective": "halves"}), ("gallery", {"distractors": 0}),
+        ("gallery+train(n_ref)", {"distractors": "references"}), ("gallery+train(all)", {"distractors": "all"}))}
     posts = sample_posts(heldout, a.trials, a.seed, SearchSpace())
     scores = {name: [] for name in [*variants, "test"]}
     seconds = {name: 0.0 for name in variants}

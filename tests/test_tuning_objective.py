@@ -107,8 +107,10 @@ def test_gallery_problems_rank_each_half_against_every_reference_and_distractors
             assert all(tuple(r) in rows for r in np.round(problem.reference[m][n_ref:], 6))
     assert len(tuning_problems(h, SearchConfig(distractors="all"))[0].reference_labels) == n_ref + n_train
     assert len(tuning_problems(h, SearchConfig(distractors=0))[0].reference_labels) == n_ref
+    assert not set(s_cls) & set(c_cls)
     halves = tuning_problems(h, SearchConfig(objective="halves"))[0]
     assert set(halves.reference_labels) == set(s_cls)
+    assert halves.reference_labels.tolist() == split_halves(h)[0].reference_labels.tolist()
     # a gallery is harder than a self-contained half: the score cannot be higher
     post = PostProcessing()
     assert evaluate(search, post)["map_at_k"] <= evaluate(halves, post)["map_at_k"] + 1e-9

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from competition.cli import UserError
 from competition.split import split_labels
 
 
@@ -69,6 +70,19 @@ class HeldoutSet:
         return HeldoutSet(self.member_names, self.query,
                           [np.concatenate([r, t[idx]]) for r, t in zip(self.reference, self.train)],
                           self.train, self.query_labels, np.concatenate([self.reference_labels, labels]))
+
+
+def parse_distractors(setting: str | int) -> str | int:
+    """Return the distractors setting as "references", "all" or a count >= 0 (UserError otherwise)."""
+    if setting in ("references", "all"):
+        return setting
+    try:
+        n = int(setting) if not isinstance(setting, bool) else -1
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0:
+        raise UserError(f"distractors must be a count >= 0, 'references' or 'all', got {setting!r}")
+    return n
 
 
 def heldout_set(bundle) -> HeldoutSet:

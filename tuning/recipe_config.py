@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from competition.cli import UserError
+from tuning.heldout import parse_distractors
 
 RECIPE_FILE = "recipe.toml"       # the resolved copy a run folder keeps
 RECIPE_ONLY = ("data", "out", "split", "resume", "seed")   # training options the recipe sets itself
@@ -100,10 +101,10 @@ class RecipeConfig:
         for key, low in (("trials", 0), ("k", 1), ("parallel", 1), ("workers", 0), ("seed", 0)):
             if getattr(self, key) < low:
                 problems.append(f"{key} must be >= {low}, got {getattr(self, key)}")
-        if not (self.distractors in ("references", "all") or (isinstance(self.distractors, int)
-                                                               and not isinstance(self.distractors, bool)
-                                                               and self.distractors >= 0)):
-            problems.append(f"distractors must be a count >= 0, \"references\" or \"all\", got {self.distractors!r}")
+        try:
+            parse_distractors(self.distractors)
+        except UserError as exc:
+            problems.append(str(exc))
         if not self.devices:
             problems.append("devices must list at least one device")
         if not self.members:

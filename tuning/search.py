@@ -36,7 +36,7 @@ from optuna.trial import TrialState
 from competition.cli import ArgumentParser, UserError, number, run_command, show_progress
 from competition.metrics import file_keys
 from ensemble.postprocess import PostProcessing
-from tuning.heldout import HeldoutSet, heldout_set
+from tuning.heldout import HeldoutSet, heldout_set, parse_distractors
 from tuning.objective import (
     SearchSpace,
     WhiteningCache,
@@ -131,17 +131,10 @@ def split_halves(heldout: HeldoutSet, seed: int = 0) -> tuple[HeldoutSet, Heldou
 
 def distractor_count(setting: str | int, heldout: HeldoutSet) -> int:
     """How many train-class distractors ``setting`` (a count, "references", "all") means for ``heldout``."""
+    setting = parse_distractors(setting)
     if setting == "references":
         return len(heldout.reference_labels)
-    if setting == "all":
-        return len(heldout.train[0])
-    try:
-        n = int(setting)
-    except (TypeError, ValueError):
-        raise UserError(f"distractors must be a count, 'references' or 'all', got {setting!r}") from None
-    if n < 0:
-        raise UserError(f"distractors must be >= 0, got {n}")
-    return n
+    return len(heldout.train[0]) if setting == "all" else setting
 
 
 def tuning_problems(heldout: HeldoutSet, config: SearchConfig) -> tuple[HeldoutSet, HeldoutSet, list[str], list[str]]:
