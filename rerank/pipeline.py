@@ -28,6 +28,10 @@ class RerankParams:
     k1: int = 20
     k2: int = 6
     lambda_value: float = 0.3
+    use_diffusion: bool = False
+    diffusion_k: int = 50
+    diffusion_alpha: float = 0.99
+    diffusion_gamma: float = 3.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict."""
