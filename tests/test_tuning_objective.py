@@ -95,7 +95,7 @@ def test_gallery_problems_rank_each_half_against_every_reference_and_distractors
 
     h = tuning_heldout
     n_ref, n_train = len(h.reference_labels), len(h.train[0])
-    search, check, s_cls, c_cls = tuning_problems(h, SearchConfig(distractors="references"))
+    search, check, s_cls, c_cls = tuning_problems(h, SearchConfig(objective="gallery", distractors="references"))
     for problem, classes in ((search, s_cls), (check, c_cls)):
         assert set(problem.query_labels) == set(classes)
         assert len(problem.reference_labels) == 2 * n_ref                 # every reference + as many distractors
@@ -105,8 +105,10 @@ def test_gallery_problems_rank_each_half_against_every_reference_and_distractors
         for m in range(len(h.member_names)):                                  # the distractors are train images
             rows = {tuple(r) for r in np.round(h.train[m], 6)}
             assert all(tuple(r) in rows for r in np.round(problem.reference[m][n_ref:], 6))
-    assert len(tuning_problems(h, SearchConfig(distractors="all"))[0].reference_labels) == n_ref + n_train
-    assert len(tuning_problems(h, SearchConfig(distractors=0))[0].reference_labels) == n_ref
+    for objective in ("gallery", "folds"):
+        assert len(tuning_problems(h, SearchConfig(objective=objective, distractors="all"))[0].reference_labels) \
+            == n_ref + n_train
+        assert len(tuning_problems(h, SearchConfig(objective=objective, distractors=0))[0].reference_labels) == n_ref
     assert not set(s_cls) & set(c_cls)
     halves = tuning_problems(h, SearchConfig(objective="halves"))[0]
     assert set(halves.reference_labels) == set(s_cls)

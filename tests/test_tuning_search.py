@@ -289,14 +289,16 @@ def test_split_warnings_say_when_the_search_half_cannot_inform(tuning_heldout):
 
 
 def test_the_study_also_starts_from_the_textbook_post_processing(tuning_heldout):
-    from tuning.objective import fit_space, max_whiten_dim, standard_params
-    from tuning.search import tuning_problems
+    from tuning.objective import max_whiten_dim, standard_params
+    from tuning.search import search_space, tuning_problems
 
     config = SearchConfig(n_trials=4, seed=0)
     r = run_search(tuning_heldout, config)
     search, *_ = tuning_problems(tuning_heldout, config)
-    space = fit_space(config.space, len(search.query_labels), len(search.reference_labels))
-    second = r.study.trials[1]
+    space = search_space(tuning_heldout, config, search)
+    second, third = r.study.trials[1:3]
     assert second.params == standard_params(["a", "b"], space, max_whiten_dim(tuning_heldout))
     assert second.params["kreciprocal"] and second.params["whiten"]
-    assert r.best_value >= second.value   # the tuned result is never below the textbook one
+    assert third.params == standard_params(["a", "b"], space, max_whiten_dim(tuning_heldout), "diffusion")
+    assert third.params["diffusion"] and not third.params["kreciprocal"]
+    assert r.best_value >= max(second.value, third.value)   # never below the textbook ones

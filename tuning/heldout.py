@@ -54,9 +54,12 @@ class HeldoutSet:
     def query_classes(self, classes: set[str] | list[str]) -> "HeldoutSet":
         """Return the queries whose class is in ``classes``; every reference stays (the others are
         distractors from unseen classes)."""
-        qm = np.isin(self.query_labels, list(set(classes)))
-        return HeldoutSet(self.member_names, [q[qm] for q in self.query], self.reference, self.train,
-                          self.query_labels[qm], self.reference_labels)
+        return self.select_queries(np.isin(self.query_labels, list(set(classes))))
+
+    def select_queries(self, mask: np.ndarray) -> "HeldoutSet":
+        """Return the set with only the queries where ``mask`` (nq,) is true (references unchanged)."""
+        return HeldoutSet(self.member_names, [q[mask] for q in self.query], self.reference, self.train,
+                          self.query_labels[mask], self.reference_labels)
 
     def with_distractors(self, n: int | None, seed: int = 0) -> "HeldoutSet":
         """Return the set with ``n`` train-class descriptors (a seeded sample; None: all) added to the

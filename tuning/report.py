@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 PLOTS = ("optimization_history", "param_importances", "slice")
 PLOT_TITLES = {"optimization_history": "Optimisation history", "param_importances": "Parameter importances",
-               "slice": "Search-half score against each parameter"}
+               "slice": "Study score against each parameter"}
 SCORE_KEYS = ("best_value", "defaults_value", "gain_search", "gain_check")
 SLICE_COLUMNS = 4
 
@@ -114,26 +114,59 @@ def blocks(s: dict[str, Any]) -> list[tuple]:
     out: list[tuple] = [("h1", f"Tuning report: study {s['study_name']}")]
     if s.get("warnings"):
         out.append(("warnings", [str(w) for w in s["warnings"]]))
-    out += [("p", (f"{s['n_complete']} completed trials ({states}). The study optimised {m} on the search half "
-                   f"({len(s['search_classes'])} classes); the check half ({len(s['check_classes'])} classes) "
-                   "was never searched, so its gain is the one to trust.")),
-            ("table", ["", f"search half {m}", f"check half {m}", "check half Recall@1"],
+    folds = s.get("folds") or [s["search_classes"]]
+    rate = s.get("study_rate", 1.0)
+    sample = f", ranked on a class sample of {rate:.0%} of the split" if rate < 1.0 else ""
+    out += [("p", (f"{s['n_complete']} completed trials ({states}). The study optimised the mean {m} over "
+                   f"{len(folds)} class fold{'s' if len(folds) > 1 else ''} ({len(s['search_classes'])} classes"
+                   f"{sample}); the check classes ({len(s['check_classes'])}) were never scored by the study, "
+                   "so their gain is the one to trust.")),
+            ("table", ["", f"study {m}", f"check classes {m}", "check classes Recall@1"],
              [["defaults", _cell(s["defaults_value"], m), _cell(s["check_defaults"][m], m),
                _cell(s["check_defaults"]["Recall@1"], m)],
-              [f"best (trial {s['best_trial']})", _cell(s["best_value"], m), _cell(s["check_best"][m], m),
+              [f"chosen (trial {s['best_trial']})", _cell(s["best_value"], m), _cell(s["check_best"][m], m),
                _cell(s["check_best"]["Recall@1"], m)],
-              ["gain", f"{s['gain_search']:+.4f}", f"{s['gain_check']:+.4f}", ""]]),
-            ("h2", "Best post-processing"),
+              ["gain", f"{s['gain_search']:+.4f}", f"{s['gain_check']:+.4f}", ""]])]
+    out += _final_blocks(s.get("final"), m) + _space_blocks(s.get("space"))
+    out += [("h2", "Chosen post-processing"),
             ("table", ["parameter", "value"], [[k, _cell(v)] for k, v in _flat_post(s["best_post"])])]
     if s["top_trials"]:
         names = list(dict.fromkeys(p for t in s["top_trials"] for p in t["params"]))
         rows = [[f"{t['number']}{' (defaults)' if t['defaults'] else ''}", _cell(t[m], m),
                  _cell(t["Recall@1"], m), *(_cell(t["params"].get(p)) for p in names)] for t in s["top_trials"]]
-        out += [("h2", "Top trials (search half)"), ("table", ["trial", m, "Recall@1", *names], rows)]
+        out += [("h2", "Top trials (study value)"), ("table", ["trial", m, "Recall@1", *names], rows)]
     if s["importances"]:
         out += [("h2", "Parameter importances"),
                 ("table", ["parameter", "importance"], [[k, f"{v:.3f}"] for k, v in s["importances"].items()])]
     return out
+
+
+def _final_blocks(final: dict[str, Any] | None, m: str) -> list[tuple]:
+    """The final choice: its rule, the verdict, every candidate re-scored on the whole split."""
+    if not final:
+        return []
+    rows = [[f"{c['trial']}{' (chosen)' if c['chosen'] else ''}", _cell(c["study_value"], m),
+             ", ".join(f"{v:.4f}" for v in c["fold_maps"]), _cell(c["mean"], m), f"{c['spread']:.4f}",
+             _cell(c["robust"], m), _cell(c["check"], m),
+             "" if c["chosen"] else f"{c['difference']:+.4f} ± {c['standard_error']:.4f}",
+             "yes" if c["indistinguishable"] else ""] for c in final["candidates"]]
+    return [("h2", "Final choice"),
+            ("p", f"The best {len(rows)} distinct trials, re-scored on the whole split; chosen by {final['rule']}. "
+                  f"{final['verdict'][0].upper()}{final['verdict'][1:]}."),
+            ("table", ["trial", f"study {m}", f"fold {m}", "mean", "spread", "rule", f"check {m}",
+                       "chosen minus it (± s.e.)", "tied"], rows)]
+
+
+def _space_blocks(space: dict[str, Any] | None) -> list[tuple]:
+    """The size-bound ranges searched and the class sizes they follow."""
+    if not space:
+        return []
+    names = [n for n in ("k1", "k2", "dba_n", "aqe_n", "diffusion_k") if n in space]
+    return [("h2", "Search space"),
+            ("p", f"Ranges sized by the held-out classes: {space['images_per_class']:g} images "
+                  f"({space['references_per_class']:g} references) per class, the medians "
+                  "(rule in tuning/space.py)."),
+            ("table", ["parameter", "range"], [[n, f"{space[n][0]}-{space[n][1]}"] for n in names])]
 
 
 def markdown(s: dict[str, Any]) -> str:
@@ -209,7 +242,7 @@ def _log_axis(axis, ratio: float) -> None:
 def plot_slices(study: optuna.Study, k: int = 1000, order: list[str] | None = None,
                 n_cols: int = SLICE_COLUMNS):
     """Matplotlib figure: one small panel per parameter (``order`` first, then by name) in a grid
-    of ``n_cols`` columns, search-half mAP@k of each completed trial against the parameter's
+    of ``n_cols`` columns, the study value (mean mAP@k over folds) of each completed trial against the parameter's
     value, coloured by trial number, the best trial starred. Returns the figure."""
     import matplotlib.pyplot as plt
     from matplotlib.cm import ScalarMappable
@@ -261,7 +294,8 @@ def plot_slices(study: optuna.Study, k: int = 1000, order: list[str] | None = No
                        cax=fig.add_axes((1 - 0.75 / width, 0.2, 0.15 / width, 0.6)))
     bar.locator = MaxNLocator(integer=True)
     bar.update_ticks()
-    fig.suptitle(f"Search-half mAP@{k} against each parameter (red star: best trial {best.number})", fontsize=11)
+    fig.suptitle(f"Study mAP@{k} (mean over folds) against each parameter (red star: best trial {best.number})",
+                 fontsize=11)
     return fig
 
 
@@ -287,7 +321,7 @@ def save_pngs(study: optuna.Study, out_dir: Path, k: int = 1000, order: list[str
                     warnings.simplefilter("ignore")
                     fig = funcs[name]()
                 if name == "optimization_history":
-                    fig.axes[0].set_ylabel(f"search-half mAP@{k}")
+                    fig.axes[0].set_ylabel(f"study mAP@{k} (mean over folds)")
                 if name != "slice":
                     fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
                 path = out_dir / f"{name}.png"

@@ -1,9 +1,9 @@
-"""Search the post-processing (weights, whitening, DBA, aQE, k-reciprocal) with Optuna.
+"""Search the post-processing (weights, whitening, DBA, aQE, a re-ranker) with Optuna.
 
 Library: ``run_search(heldout, SearchConfig(...), storage=..., study_name=...)``.
 CLI: ``python -m tuning.search --bundle BUNDLE [--trials N] [--timeout S]
-[--storage URL] [--study NAME] [--n-jobs J] [--seed S] [--no-kreciprocal]``
-searches on the bundle's held-out descriptors, writes the best parameters into
+[--storage URL] [--study NAME] [--n-jobs J] [--seed S] [--no-kreciprocal] [--no-diffusion]``
+searches on the bundle's held-out descriptors, writes the chosen parameters into
 the bundle (atomically) and a report with plots into BUNDLE.tuning/ beside it.
 
 Storage: None (in memory), an Optuna RDB URL (``sqlite:///study.db``,
@@ -12,10 +12,16 @@ share). A study is resumed where it stopped: trials run until ``n_trials`` are
 COMPLETE, and RUNNING trials left by a dead worker (killed at any instant, see
 ``tuning.workers``) are marked FAIL and their parameters re-enqueued.
 
-Over-fitting guard: the held-out classes are split (seeded) into a search half,
-which the study optimises, and a check half, on which the best trial and the
-defaults are scored for the report. A split too small to inform (few queries,
-every trial perfect) is reported in ``SearchResult.warnings``.
+What a trial scores (``tuning.problems``; default ``objective="folds"``): the held-out
+classes are split (seeded) into class folds and a check set; a trial ranks the fold
+queries against one gallery of every held-out reference plus train-class distractors
+and its value is the mean of the folds' mAP@k (``tuning.folds``). The search space is
+sized by the held-out class sizes (``tuning.space.sized_space``). The final choice is
+not the single best trial: the best ``final_top`` are re-scored on the whole split and
+chosen by a stated rule (``tuning.choice``); the check classes, never scored by the
+study, report how the choice generalises. A split too small to inform (few queries,
+every trial perfect), and best trials on the edge of a range, are reported in
+``SearchResult.warnings``.
 """
 from __future__ import annotations
 
@@ -36,22 +42,27 @@ from optuna.trial import TrialState
 from competition.cli import ArgumentParser, UserError, number, run_command, show_progress
 from competition.metrics import file_keys
 from ensemble.postprocess import PostProcessing
-from tuning.heldout import HeldoutSet, heldout_set, parse_distractors
+from tuning.choice import Candidate, FinalChoice, candidates, choose
+from tuning.folds import FoldScores, class_sizes
+from tuning.heldout import HeldoutSet, heldout_set
 from tuning.objective import (
     SearchSpace,
     WhiteningCache,
     build_objective,
     default_params,
-    evaluate,
     fit_space,
     max_whiten_dim,
     post_from_params,
+    rank,
     standard_params,
 )
+from tuning.problems import OBJECTIVES, distractor_count, split_halves, study_problems, tuning_problems
+from tuning.space import boundary_notes, sized_space
 from tuning.workers import DEFAULTS_ATTR, is_stale, open_storage, recover_stale_trials
 
-__all__ = ["SearchConfig", "SearchResult", "is_stale", "main", "open_storage", "recover_stale_trials", "run_search",
-           "split_halves", "split_warnings", "tune_bundle", "tuning_dir"]
+__all__ = ["SearchConfig", "SearchResult", "distractor_count", "is_stale", "main", "open_storage",
+           "recover_stale_trials", "run_search", "search_space", "split_halves", "split_warnings", "tune_bundle",
+           "tuning_dir", "tuning_problems"]
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +75,22 @@ class SearchConfig:
     timeout: float | None = None
     n_jobs: int = 1
     seed: int = 0                  # TPE seed; workers sharing a study should use different seeds
-    split_seed: int = 0            # seed of the search/check split of the held-out classes
+    split_seed: int = 0            # seed of the folds / halves of the held-out classes
     k: int = 1000                  # mAP@k
     space: SearchSpace = field(default_factory=SearchSpace)
     stale_after_s: float | None = None  # RUNNING trials of other hosts older than this are stale
     heartbeat_s: int | None = None      # RDB storages: Optuna heartbeat for workers on several hosts
     device: str = "cpu"
-    objective: str = "gallery"     # "gallery": each half's queries against every held-out reference;
-    #                                "halves": two self-contained problems (see ``tuning_problems``)
+    objective: str = "folds"       # "folds", "gallery" or "halves" (``tuning.problems``)
     distractors: str | int = "references"   # train-class distractors in the gallery: a count,
     #                                "references" (as many as the held-out references), "all" or 0
+    n_folds: int = 3               # class folds of the "folds" objective
+    check_share: float = 0.25      # share of the held-out classes the "folds" study never scores
+    size_space: bool = True        # size k1, k2, DBA/aQE n and the diffusion k by the held-out class sizes
+    max_study_images: int | None = 20_000   # the study ranks a class sample of at most about this many
+    #                                          images (queries + gallery); None: the whole split
+    final_top: int = 10            # the best trials re-scored on the whole split for the final choice
+    spread_weight: float = 0.0     # final choice: mean over folds minus this times their spread
 
 
 MIN_SEARCH_QUERIES = 20   # fewer held-out queries in the search half: its mAP is too noisy to tune on
@@ -83,13 +100,13 @@ MIN_SEARCH_QUERIES = 20   # fewer held-out queries in the search half: its mAP i
 class SearchResult:
     """Outcome of ``run_search``. Scores are dicts ``{"map_at_k", "recall_at_1"}``."""
 
-    best_post: PostProcessing
-    best_value: float              # mAP@k of the best trial on the search half
+    best_post: PostProcessing      # the final choice (``tuning.choice``)
+    best_value: float              # its value in the study (mean over folds of mAP@k)
     best_trial: int
-    defaults_value: float          # mAP@k of the untuned defaults on the search half
-    check_best: dict[str, float]   # best trial on the check half
+    defaults_value: float          # the untuned defaults' value in the study
+    check_best: dict[str, float]   # the final choice on the check classes (never scored by the study)
     check_defaults: dict[str, float]
-    search_classes: list[str]
+    search_classes: list[str]      # the classes the study scores (every fold)
     check_classes: list[str]
     n_complete: int
     study: optuna.Study
@@ -97,6 +114,10 @@ class SearchResult:
     warnings: list[str] = field(default_factory=list)  # the split is too small to inform, in plain words
     trials_run: int = 0            # trials this call completed (not earlier runs of the study)
     seconds: float = 0.0           # how long this call took
+    final: dict[str, Any] = field(default_factory=dict)   # the final choice: rule, candidates, ties
+    space: dict[str, Any] = field(default_factory=dict)   # the ranges searched and the class sizes they follow
+    folds: list[list[str]] = field(default_factory=list)  # the classes of each fold
+    study_rate: float = 1.0        # share of the split the study's trials ranked (class sample)
 
     def rate_line(self) -> str:
         """``N trials in S s (R trials/min)`` of this call."""
@@ -111,48 +132,6 @@ class SearchResult:
         d["best_post"] = self.best_post.to_dict()
         d["study_name"] = self.study.study_name
         return d
-
-
-def split_halves(heldout: HeldoutSet, seed: int = 0) -> tuple[HeldoutSet, HeldoutSet, list[str], list[str]]:
-    """Split the held-out classes into two disjoint, self-contained retrieval problems.
-
-    Returns (search_half, check_half, search_classes, check_classes).
-    """
-    classes = np.intersect1d(np.unique(heldout.query_labels), np.unique(heldout.reference_labels))
-    if len(classes) < 2:
-        raise UserError(f"need at least 2 held-out classes with queries and references, got {len(classes)}: "
-                        "hold out more classes")
-    order = np.random.default_rng(seed).permutation(len(classes))
-    half = (len(classes) + 1) // 2
-    search, check = np.sort(classes[order[:half]]), np.sort(classes[order[half:]])
-    return (heldout.subset_classes(search.tolist()), heldout.subset_classes(check.tolist()),
-            [str(c) for c in search], [str(c) for c in check])
-
-
-def distractor_count(setting: str | int, heldout: HeldoutSet) -> int:
-    """How many train-class distractors ``setting`` (a count, "references", "all") means for ``heldout``."""
-    setting = parse_distractors(setting)
-    if setting == "references":
-        return len(heldout.reference_labels)
-    return len(heldout.train[0]) if setting == "all" else setting
-
-
-def tuning_problems(heldout: HeldoutSet, config: SearchConfig) -> tuple[HeldoutSet, HeldoutSet, list[str], list[str]]:
-    """The study's problem and the check problem: (search, check, search_classes, check_classes).
-
-    The held-out classes are split (seeded) into a search half and a check half. With
-    ``objective="gallery"`` (the default) each half's queries are ranked against one gallery that
-    resembles a test's: every held-out reference plus ``distractors`` train-class images, so the
-    other half's classes and the train classes are distractors and the score does not saturate as a
-    few-class problem does. ``"halves"``: two self-contained problems, each its own classes only.
-    """
-    search_half, check_half, search_classes, check_classes = split_halves(heldout, config.split_seed)
-    if config.objective == "halves":
-        return search_half, check_half, search_classes, check_classes
-    if config.objective != "gallery":
-        raise UserError(f"objective must be 'gallery' or 'halves', got {config.objective!r}")
-    gallery = heldout.with_distractors(distractor_count(config.distractors, heldout), seed=config.split_seed)
-    return gallery.query_classes(search_classes), gallery.query_classes(check_classes), search_classes, check_classes
 
 
 SATURATED = 0.98   # a best trial at or above this cannot be told from its neighbours
@@ -264,19 +243,20 @@ def run_search(heldout: HeldoutSet, config: SearchConfig | None = None,
 def _run_search(heldout: HeldoutSet, config: SearchConfig | None, storage: str | optuna.storages.BaseStorage | None,
                 study_name: str | None) -> SearchResult:
     config = config or SearchConfig()
-    space = config.space
-    search_half, check_half, search_classes, check_classes = tuning_problems(heldout, config)
+    problems = study_problems(heldout, config)
+    data = problems.study.data
+    space = search_space(heldout, config, data)
     study, created = _create_or_load(study_name or "postprocessing", open_storage(storage, config.heartbeat_s),
                                      config.seed)
-    study.set_user_attr("search_classes", search_classes)
-    defaults = default_params(heldout.member_names, space)
+    study.set_user_attr("search_classes", problems.folds.fold_classes)
+    names, max_dim = heldout.member_names, max_whiten_dim(heldout)
+    defaults = default_params(names, space)
     if created:  # only the worker that created the study enqueues them: no duplicate with several workers
         study.enqueue_trial(defaults, user_attrs={DEFAULTS_ATTR: True}, skip_if_exists=True)
-        fitted = fit_space(space, len(search_half.query_labels), len(search_half.reference_labels))
-        study.enqueue_trial(standard_params(heldout.member_names, fitted, max_whiten_dim(heldout)),
-                            skip_if_exists=True)
+        for stage in ("kreciprocal", "diffusion"):
+            study.enqueue_trial(standard_params(names, space, max_dim, stage), skip_if_exists=True)
     cache = WhiteningCache(heldout.train)
-    objective = build_objective(search_half, space, k=config.k, cache=cache, n_trials=config.n_trials,
+    objective = build_objective(problems.study, space, k=config.k, cache=cache, n_trials=config.n_trials,
                                 device=config.device, stale_after_s=config.stale_after_s)
     progress = TrialProgress(config.n_trials, _n_complete(study))
     try:
@@ -286,21 +266,70 @@ def _run_search(heldout: HeldoutSet, config: SearchConfig | None, storage: str |
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise RuntimeError(f"study {study.study_name}: no completed trial")
-    best = study.best_trial
-    best_post = post_from_params(best.params, heldout.member_names, space)
-    default_post = post_from_params(defaults, heldout.member_names, space)
+
+    def decode(params: dict) -> PostProcessing:
+        return post_from_params(params, names, space)
+
+    def final_scores(post: PostProcessing) -> FoldScores:
+        return problems.final_scores([p.score(rank(p.data, post, config.k, cache.get(post), config.device), config.k)
+                                      for p in problems.final])
+
+    choice = choose([Candidate(n, params, post, value, final_scores(post))
+                     for n, params, post, value in candidates(study, config.final_top, decode)],
+                    config.spread_weight, problems.final_fold_queries())
     dtrial = _defaults_trial(study)
-    defaults_value = (float(dtrial.value) if dtrial is not None
-                      else evaluate(search_half, default_post, config.k, device=config.device)["map_at_k"])
-    warnings = split_warnings(search_half, [float(t.value) for t in complete], config.k)
+    default_post = decode(defaults)
+    default_scores = final_scores(default_post)
+    defaults_value = float(dtrial.value) if dtrial is not None else problems.study.score(
+        rank(data, default_post, config.k, device=config.device), config.k).value
+    values = [float(t.value) for t in complete]
+    top = [t.params for t in sorted(complete, key=lambda t: -t.value)[:config.final_top]]
+    warnings = split_warnings(data, values, config.k) + boundary_notes(top, space)
     for w in warnings:
         log.warning("%s", w)
     return SearchResult(
-        best_post=best_post, best_value=float(best.value), best_trial=best.number, defaults_value=defaults_value,
-        check_best=evaluate(check_half, best_post, config.k, cache.get(best_post), config.device),
-        check_defaults=evaluate(check_half, default_post, config.k, device=config.device),
-        search_classes=search_classes, check_classes=check_classes, n_complete=len(complete), study=study,
-        k=config.k, warnings=warnings, trials_run=progress.ran, seconds=round(progress.seconds, 1))
+        best_post=choice.chosen.post, best_value=choice.chosen.study_value, best_trial=choice.chosen.trial,
+        defaults_value=defaults_value, check_best=_check(choice.chosen.scores), check_defaults=_check(default_scores),
+        search_classes=problems.folds.fold_classes, check_classes=list(problems.folds.check),
+        n_complete=len(complete), study=study, k=config.k, warnings=warnings, trials_run=progress.ran,
+        seconds=round(progress.seconds, 1), final=final_summary(choice), space=_space_summary(space, heldout),
+        folds=[list(f) for f in problems.folds.folds], study_rate=problems.study.rate)
+
+
+def search_space(heldout: HeldoutSet, config: SearchConfig, study_data: HeldoutSet) -> SearchSpace:
+    """The space a study searches: ``config.space`` sized by the held-out class sizes (unless
+    ``size_space`` is off), then fitted to the set its trials rank."""
+    space = sized_space(config.space, *class_sizes(heldout)) if config.size_space else config.space
+    return fit_space(space, len(study_data.query_labels), len(study_data.reference_labels))
+
+
+def _check(scores: FoldScores) -> dict[str, float]:
+    """The check classes' scores of a re-scored candidate (NaN when the split has no check class)."""
+    nan = float("nan")
+    return {"map_at_k": nan if scores.check_map is None else scores.check_map,
+            "recall_at_1": nan if scores.check_recall_at_1 is None else scores.check_recall_at_1}
+
+
+def final_summary(choice: FinalChoice) -> dict[str, Any]:
+    """The final choice as plain data: rule, verdict, and every candidate with its whole-split scores."""
+    rows = []
+    for c in choice.ranked:
+        mean, se = choice.differences.get(c.trial, (0.0, 0.0))
+        rows.append({"trial": c.trial, "study_value": c.study_value,
+                     "fold_maps": [float(v) for v in c.scores.fold_maps],
+                     "mean": c.scores.value, "spread": c.scores.spread, "robust": c.robust(choice.spread_weight),
+                     "check": c.scores.check_map, "difference": mean, "standard_error": se,
+                     "chosen": c is choice.chosen, "indistinguishable": c.trial in choice.indistinguishable})
+    return {"rule": choice.rule(), "spread_weight": choice.spread_weight, "verdict": choice.summary(),
+            "candidates": rows}
+
+
+def _space_summary(space: SearchSpace, heldout: HeldoutSet) -> dict[str, Any]:
+    images, references = class_sizes(heldout)
+    return {"images_per_class": images, "references_per_class": references, "k1": list(space.k1_range),
+            "k2": list(space.k2_range), "dba_n": [0, space.max_dba_n], "aqe_n": [0, space.max_aqe_n],
+            "diffusion_k": list(space.diffusion_k_range), "kreciprocal": space.kreciprocal,
+            "diffusion": space.diffusion}
 
 
 @contextlib.contextmanager
@@ -357,14 +386,28 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=number(int, 0), default=0, metavar="N",
                     help="TPE sampler seed (use a different one per worker)")
     ap.add_argument("--k", type=number(int, 1), default=1000, metavar="N", help="the study maximises mAP@k")
-    ap.add_argument("--objective", choices=["gallery", "halves"], default="gallery",
-                    help="gallery: each half's queries against every held-out reference plus distractors; "
-                         "halves: two self-contained problems")
+    ap.add_argument("--objective", choices=OBJECTIVES, default="folds",
+                    help="folds: the queries of F class folds against every held-out reference plus distractors, "
+                         "the mean over folds; gallery: one fold (half the classes); halves: two self-contained "
+                         "problems")
+    ap.add_argument("--folds", type=number(int, 1, 20), default=3, metavar="F", help="class folds (folds objective)")
+    ap.add_argument("--check-share", type=number(float, 0.0, 0.9), default=0.25, metavar="X",
+                    help="share of the held-out classes the study never scores, for the report (folds objective)")
+    ap.add_argument("--max-study-images", type=number(int, 100), default=20_000, metavar="N",
+                    help="trials rank a class sample of at most about N images; the final choice re-scores on all")
+    ap.add_argument("--final-top", type=number(int, 1), default=10, metavar="N",
+                    help="the best N trials re-scored on the whole split for the final choice")
+    ap.add_argument("--spread-weight", type=number(float, 0.0), default=0.0, metavar="C",
+                    help="final choice: highest mean over folds minus C times their standard deviation")
+    ap.add_argument("--fixed-space", action="store_true",
+                    help="keep the fixed ranges of k1, k2, DBA/aQE n and diffusion k instead of sizing them by "
+                         "the held-out class sizes")
     ap.add_argument("--distractors", default="references", metavar="N|references|all",
                     help="train-class images added to the gallery as distractors")
     ap.add_argument("--split-seed", type=number(int, 0), default=0, metavar="N",
-                    help="seed of the search/check split of the held-out classes")
+                    help="seed of the folds (or halves) of the held-out classes")
     ap.add_argument("--no-kreciprocal", action="store_true", help="leave k-reciprocal re-ranking out of the search")
+    ap.add_argument("--no-diffusion", action="store_true", help="leave diffusion re-ranking out of the search")
     ap.add_argument("--stale-after", type=number(float, 0.0), default=None, metavar="S",
                     help="treat RUNNING trials of other hosts older than S seconds as dead")
     ap.add_argument("--heartbeat", type=number(int, 1), default=None, metavar="S",
@@ -379,16 +422,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = SearchConfig(n_trials=args.trials, timeout=args.timeout, n_jobs=args.n_jobs, seed=args.seed,
                           k=args.k, split_seed=args.split_seed, objective=args.objective,
-                          distractors=args.distractors, space=SearchSpace(kreciprocal=not args.no_kreciprocal),
+                          distractors=args.distractors, n_folds=args.folds, check_share=args.check_share,
+                          space=SearchSpace(kreciprocal=not args.no_kreciprocal, diffusion=not args.no_diffusion),
+                          size_space=not args.fixed_space, max_study_images=args.max_study_images,
+                          final_top=args.final_top, spread_weight=args.spread_weight,
                           stale_after_s=args.stale_after, heartbeat_s=args.heartbeat)
     r = tune_bundle(args.bundle, config, storage=args.storage, study_name=args.study,
                     write_report=not args.no_report)
-    print(f"{r.rate_line()}; best trial {r.best_trial}: mAP@{config.k} {r.best_value:.4f} "
+    print(f"{r.rate_line()}; best trial by the final choice {r.best_trial}: mAP@{config.k} {r.best_value:.4f} "
           f"(defaults {r.defaults_value:.4f}) "
-          f"on the search half; check half {r.check_best['map_at_k']:.4f} "
+          f"on the study's folds; check classes {r.check_best['map_at_k']:.4f} "
           f"(defaults {r.check_defaults['map_at_k']:.4f}); {r.n_complete} trials complete"
           + (f"; {len(r.warnings)} warning(s) above: the held-out split is too small" if r.warnings else ""))
-    print(f"best post-processing written to {args.bundle}; report in {tuning_dir(args.bundle)}")
+    print(f"final choice: {r.final['verdict']}")
+    print(f"chosen post-processing written to {args.bundle}; report in {tuning_dir(args.bundle)}")
     return 0
 
 

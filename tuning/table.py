@@ -1,7 +1,7 @@
 """The recipe's table: what each stage adds, on the held-out split and on the test set.
 
 Rows: each member alone, the ensemble with equal weights, + PCA-whitening, + DBA/aQE,
-+ k-reciprocal with default parameters, the tuned post-processing, and (when the recipe
++ k-reciprocal with default parameters, or + diffusion with default parameters instead, the tuned post-processing, and (when the recipe
 refits) the refit checkpoint. Scores are mAP@k and Recall@1 as ``tuning.objective.evaluate``
 computes them; a row's ``heldout`` or ``test`` is None where it cannot be scored honestly.
 """
@@ -34,14 +34,14 @@ def describe_test_set(bundle, data: Path, cache_dir: Path, device: str) -> Heldo
 
 def stage_rows(heldout: HeldoutSet, tuned: PostProcessing) -> dict[str, PostProcessing]:
     """The table's rows: each member alone, then the ensemble with one more textbook stage each
-    (``tuning.objective.standard_params``), then tuned."""
+    (``tuning.objective.standard_params``; the two re-rankers each on top of DBA/aQE), then tuned."""
     names, space = heldout.member_names, SearchSpace()
     n = len(names)
     rows = {f"{name} alone": PostProcessing(weights=[float(i == j) for j in range(n)])
             for i, name in enumerate(names)}
     rows["ensemble, equal weights"] = PostProcessing()
     for row, stage in (("+ PCA-whitening", "whiten"), ("+ DBA/aQE", "expand"),
-                       ("+ k-reciprocal (defaults)", "kreciprocal")):
+                       ("+ k-reciprocal (defaults)", "kreciprocal"), ("+ diffusion (defaults)", "diffusion")):
         rows[row] = post_from_params(standard_params(names, space, max_whiten_dim(heldout), stage), names, space)
     rows["tuned"] = tuned
     return rows
