@@ -13,7 +13,8 @@ Scalars per epoch (the x-axis is the epoch; the values are those of the run's lo
 Several members trained with one DIR show as separate runs. Each invocation hides what earlier
 ones wrote from its first epoch on (TensorBoard's purge step): a resumed run's curves are those
 of an uninterrupted run, and a run retrained from scratch under the same name replaces the old
-curves. Only rank 0 writes (``train`` opens no board on other ranks).
+curves (both TensorBoard loaders honour it: the Python one and the fast Rust data server).
+Only rank 0 writes (``train`` opens no board on other ranks).
 """
 from __future__ import annotations
 

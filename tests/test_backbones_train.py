@@ -229,3 +229,5 @@ def test_a_missing_tensorboard_is_one_line_before_any_work(image_dataset, tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("error: --tensorboard needs the tensorboard package") and err.count("\n") == 1
     assert not (tmp_path / "run").exists() and not (tmp_path / "tb").exists()
+    # a runtime option: a resume (or a recipe's member) may change it without retraining
+    assert "tensorboard" not in TrainConfig(data="d", out="o", tensorboard="tb").result_options()
