@@ -20,6 +20,7 @@ FAISS_GPU_CUDA = (12, 6)
 TORCH = "torch>=2.3"                  # torch.amp.GradScaler(device, ...)
 TORCH_GPU = "torch>=2.7"              # torch 2.7's wheels pin CUDA runtime 12.6.77 (2.4's: 12.4.99 or 12.1.105)
 FAISS_CHOICE_ENV = "RETRIEVAL_KIT_FAISS"
+TENSORBOARD = "tensorboard>=1.15"     # what torch.utils.tensorboard.SummaryWriter asks for
 
 
 def faiss_choice(environ=os.environ, driver: str = "/proc/driver/nvidia/version") -> str:
@@ -61,5 +62,5 @@ setup(
                                     "backbones.*", "ensemble", "ensemble.*", "tuning", "tuning.*"]),
     py_modules=["main"],
     install_requires=requirements(faiss_choice()),
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", TENSORBOARD], "tensorboard": [TENSORBOARD]},   # backbones.train --tensorboard
 )

@@ -3,7 +3,8 @@
     RUN_DIR/model.safetensors    best weights by held-out mAP@k (EMA weights when EMA is on)
     RUN_DIR/config.json          how to rebuild the model + split hash, classes, epoch, metrics
     RUN_DIR/split.json           the held-out split used
-    RUN_DIR/last/model.safetensors, RUN_DIR/last/train_state.pt   resumable state (end of last epoch)
+    RUN_DIR/last/model.safetensors, RUN_DIR/last/train_state.pt   resumable state (end of last epoch;
+                                 what train_state.pt holds: backbones/run_state.py)
     RUN_DIR/log.jsonl, RUN_DIR/loss.png
 All writes are atomic (competition.fileio).
 """
@@ -59,13 +60,14 @@ def read_config(run_dir: str | os.PathLike) -> dict:
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "auto") -> tuple[RetrievalNet, dict]:
-    """Rebuild a run's model from its config and weights; returns (model in eval mode, config)."""
+    """Rebuild a run's model from its config and weights; returns (model in eval mode, config).
+
+    The weights are channels-last (convnets run faster so on the CPU and with AMP on GPUs); extraction
+    reads the layout off them (``backbones.model.input_memory_format``)."""
     config = read_config(run_dir)
     model = model_from_spec(config["model"])
     model.load_state_dict(load_weights(Path(run_dir) / WEIGHTS_FILE), strict=True)
-    model = model.to(resolve_device(device), memory_format=torch.channels_last).eval()
-    model._channels_last = True  # convnets run faster channels-last on CPU and with AMP on GPU
-    return model, config
+    return model.to(resolve_device(device), memory_format=torch.channels_last).eval(), config
 
 
 def save_weights(path: str | os.PathLike, state: dict[str, torch.Tensor]) -> None:

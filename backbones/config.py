@@ -25,7 +25,7 @@ AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 
 # options that change how a run goes, not what it learns (a resumed run may change them)
 RUNTIME_ONLY = ("data", "out", "workers", "progress", "quiet", "device", "val_batch_size", "resume",
-                "stop_after_epoch", "max_steps")
+                "stop_after_epoch", "max_steps", "tensorboard")
 
 
 class ConfigError(UserError, ValueError):
@@ -88,7 +88,8 @@ class TrainConfig:
                          "optimisation", 0, 100000)
     probe_epochs: int = option(0, "first epochs with a frozen body: the neck and head learn on the pretrained "
                                "features (a linear probe), then everything fine-tunes", "optimisation", 0, 100000)
-    batch_size: int | None = option(None, "images per batch; sets P = batch size // K", "optimisation", 2, 65536)
+    batch_size: int | None = option(None, "images per batch; sets P = batch size // K (at least K)", "optimisation",
+                                    2, 65536)
     classes_per_batch: int = option(16, "P: classes in each batch", "optimisation", 1, 65536)
     images_per_class: int = option(4, "K: images of each class in a batch", "optimisation", 1, 1024)
     lr: float = option(1e-3, "learning rate of the neck and head (peak of the cosine schedule)", "optimisation",
@@ -127,6 +128,9 @@ class TrainConfig:
                                           1, None)
     progress: bool = option(True, "progress bars (shown only on a terminal)", "runtime")
     quiet: bool = option(False, "print the run's first and last lines only, not a line per epoch", "runtime")
+    tensorboard: str | None = option(None, "also log each epoch's loss, learning rates and held-out scores for "
+                                     "TensorBoard in DIR/<run folder name> (needs the tensorboard package)",
+                                     "runtime", metavar="DIR")
 
     def check(self) -> "TrainConfig":
         """Raise ``ConfigError`` naming every option outside its range or choices; return self."""
@@ -153,11 +157,21 @@ class TrainConfig:
         if self.probe_epochs and self.probe_epochs >= self.epochs and self.epochs:
             problems.append(f"--probe-epochs {self.probe_epochs} leaves no epoch to fine-tune in --epochs "
                             f"{self.epochs}")
+        batch, k = self.batch_size, self.images_per_class
+        if isinstance(batch, int) and isinstance(k, int) and batch < k:
+            problems.append(f"--batch-size {self.batch_size} is smaller than --images-per-class "
+                            f"{self.images_per_class}: a batch holds P classes of K images each, P >= 1")
         if isinstance(self.crop_scale, tuple) and len(self.crop_scale) == 2 and self.crop_scale[0] > self.crop_scale[1]:
             problems.append(f"--crop-scale: min {self.crop_scale[0]} is above max {self.crop_scale[1]}")
         if problems:
             raise ConfigError("; ".join(problems))
         return self
+
+    @property
+    def batch_classes(self) -> int:
+        """P, the classes in each batch: ``batch_size // images_per_class`` when a batch size is given, else
+        ``classes_per_batch`` (``check`` refuses a batch size below K, so P >= 1)."""
+        return self.batch_size // self.images_per_class if self.batch_size else self.classes_per_batch
 
     @property
     def scores_start(self) -> bool:
@@ -225,6 +239,6 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     """Build a checked ``TrainConfig`` from the command line."""
     a = vars(build_parser(description).parse_args(argv))
     a.pop("debug", None)
-    if a["batch_size"]:
-        a["classes_per_batch"] = max(1, a["batch_size"] // a["images_per_class"])
-    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in a.items()}).check()
+    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in a.items()}).check()
+    cfg.classes_per_batch = cfg.batch_classes   # the P a --batch-size sets, recorded as such
+    return cfg

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from backbones.checkpoint import load_run
-from backbones.model import RetrievalNet
+from backbones.model import RetrievalNet, input_memory_format
 from backbones.transforms import PathDataset, eval_transform, path_collate
 from competition.cli import ArgumentParser, UserError, number, run_command, show_progress
 from competition.data import LoadReport, UnreadableImage, image_name, is_image_file, list_images
@@ -135,6 +135,7 @@ def extract_descriptors(
         model.to(dev)
     dtype = autocast_dtype(amp, dev)
     workers = default_workers(dev) if workers is None else workers
+    memory_format = input_memory_format(model)   # channels-last weights take channels-last batches
     tfms = [eval_transform(image_size, mean, std, crop_pct, s) for s in scales]
     loader = DataLoader(PathDataset(paths, tfms), batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=path_collate, pin_memory=dev.type == "cuda",
@@ -155,9 +156,7 @@ def extract_descriptors(
                     continue
                 acc = None
                 for x in views:
-                    x = x.to(dev, non_blocking=True)
-                    if getattr(model, "_channels_last", False):
-                        x = x.contiguous(memory_format=torch.channels_last)
+                    x = x.to(dev, non_blocking=True).contiguous(memory_format=memory_format)
                     for xv in ([x, torch.flip(x, dims=[3])] if flip else [x]):
                         with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                             d = model(xv).float()

@@ -24,7 +24,7 @@ from backbones.pretrained import PretrainedMismatch, PretrainedUnavailable, Weig
 from competition.cli import UserError
 
 __all__ = ["ARCH_ALIASES", "ArchError", "GeM", "ModelSpec", "PretrainedMismatch", "PretrainedUnavailable",
-           "RetrievalNet", "build_model", "load_pretrained", "model_from_spec", "resolve_arch"]
+           "RetrievalNet", "build_model", "input_memory_format", "load_pretrained", "model_from_spec", "resolve_arch"]
 
 # Short family names -> a representative timm model ("-" reads as "_"). Full timm names pass through;
 # a family name also accepts weights that name another member of the family (see ``build_model``).
@@ -158,6 +158,21 @@ class RetrievalNet(nn.Module):
         body = list(self.body.parameters())
         ids = {id(p) for p in body}
         return body, [p for p in self.parameters() if id(p) not in ids]
+
+
+def input_memory_format(model: nn.Module) -> torch.memory_format:
+    """The layout image batches for ``model`` should have: ``torch.channels_last`` when its convolution
+    weights are stored channels-last (``model.to(memory_format=torch.channels_last)``), else
+    ``torch.contiguous_format``.
+
+    The first 4-d weight with several input channels and a spatial extent decides: for the others (1 x 1
+    or depthwise kernels) both layouts are the same strides.
+    """
+    for p in model.parameters():
+        if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1:
+            channels_last = p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+            return torch.channels_last if channels_last else torch.contiguous_format
+    return torch.contiguous_format
 
 
 def _read_state_dict(path: Path, label: str) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ one line saying what could not be fetched and how to point at a local file or a 
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from contextlib import contextmanager
@@ -129,25 +130,46 @@ def _file_in(folder: Path, names: tuple[str, ...], label: str) -> Path:
 
 def _repo_weights(config: Path, weights_file: Callable[[tuple[str, ...]], Path], label: str) -> Weights:
     """Weights of a timm model repo from its ``config.json``; ``weights_file(names)`` finds the first of names."""
-    from timm.models._hub import load_model_config_from_path
     if not config.is_file():
         raise PretrainedUnavailable(f"--pretrained {label}: a folder without config.json; a timm model repo holds "
                                     f"config.json and {' or '.join(HUB_WEIGHT_FILES)}")
-    try:
-        cfg, architecture, model_args = load_model_config_from_path(config.parent)
-    except Exception as exc:  # noqa: BLE001 - any parse error means "not a timm config"
-        raise PretrainedMismatch(f"--pretrained {label}: {config.name} is not a timm model config "
-                                 f"({type(exc).__name__}: {exc})") from exc
+    architecture, model_args, cfg = read_repo_config(config, label)
     if not timm.is_model(architecture):
         raise PretrainedMismatch(f"--pretrained {label} holds {architecture!r}, a model timm {timm.__version__} "
                                  f"does not know (a newer timm?)")
     weights = weights_file((cfg["hf_hub_filename"],) if cfg.get("hf_hub_filename") else HUB_WEIGHT_FILES)
-    model_args = {k: v for k, v in (model_args or {}).items() if k not in ("num_classes", "global_pool")}
+    model_args = {k: v for k, v in model_args.items() if k not in ("num_classes", "global_pool")}
     registry = timm.get_pretrained_cfg(architecture)
     mean = cfg.get("mean") or (registry.mean if registry else None)
     std = cfg.get("std") or (registry.std if registry else None)
     return Weights(weights, label, arch=architecture, mean=tuple(mean) if mean else None,
                    std=tuple(std) if std else None, model_args=model_args)
+
+
+def read_repo_config(path: Path, label: str) -> tuple[str, dict, dict]:
+    """(architecture, model_args, pretrained_cfg) of a timm model repo's ``config.json``.
+
+    timm has no public reader of a local repo's config, so this one reads the file timm's
+    ``timm.models.save_for_hf`` writes: ``{"architecture", "num_classes", "num_features", "model_args"
+    (optional), "pretrained_cfg": {"mean", "std", "hf_hub_filename", ...}}``; older repos hold one flat
+    dict (the pretrained config with its "architecture"). tests/test_backbones_pretrained.py checks it
+    against the installed timm's writer.
+    Raises PretrainedMismatch naming the file when it is not such a config.
+    """
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:   # ValueError: bad JSON or bad UTF-8
+        raise PretrainedMismatch(f"--pretrained {label}: {path.name} is not a timm model config "
+                                 f"({type(exc).__name__}: {exc})") from exc
+    if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
+        raise PretrainedMismatch(f"--pretrained {label}: {path.name} is not a timm model config (no \"architecture\" "
+                                 f"name)")
+    pretrained_cfg = config.get("pretrained_cfg", config)
+    model_args = config.get("model_args") or {}
+    if not isinstance(pretrained_cfg, dict) or not isinstance(model_args, dict):
+        raise PretrainedMismatch(f"--pretrained {label}: {path.name} is not a timm model config (\"pretrained_cfg\" "
+                                 f"and \"model_args\" must be objects)")
+    return config["architecture"], dict(model_args), pretrained_cfg
 
 
 def hub_cache_dir() -> str:

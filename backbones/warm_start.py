@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from backbones.model import RetrievalNet
+from backbones.model import RetrievalNet, input_memory_format
 from backbones.transforms import PathDataset, eval_transform, path_collate
 
 
@@ -34,6 +34,7 @@ def gem_features(model: RetrievalNet, paths: Sequence[str | os.PathLike], image_
     """(n_ok, C) float64 GeM-pooled body features (before the neck) of the readable ``paths``."""
     loader = DataLoader(PathDataset(paths, [eval_transform(image_size, model.spec.mean, model.spec.std)]),
                         batch_size=batch_size, num_workers=workers, collate_fn=path_collate)
+    memory_format = input_memory_format(model)
     was_training = model.training
     model.eval()
     rows = []
@@ -41,9 +42,7 @@ def gem_features(model: RetrievalNet, paths: Sequence[str | os.PathLike], image_
         with torch.inference_mode():
             for idx, views, _failed in loader:
                 if len(idx):
-                    x = views[0].to(device)
-                    if getattr(model, "_channels_last", False):
-                        x = x.contiguous(memory_format=torch.channels_last)
+                    x = views[0].to(device).contiguous(memory_format=memory_format)
                     rows.append(model.gem(model.features(x)).double().cpu().numpy())
     finally:
         model.train(was_training)

@@ -91,9 +91,8 @@ def bench_extract(arch: str, size: int, bs: int, steps: int, warmup: int, v: Var
 def bench_pipeline(arch: str, size: int, bs: int, n: int, workers: int, v: Variant, device: torch.device) -> float:
     """Return images/s of extract_descriptors over n generated 320x256 JPEGs (decode + resize included)."""
     model = build_model(arch, 512, announce=False).to(device).eval()
-    if v.channels_last:
+    if v.channels_last:   # extraction feeds channels-last batches to channels-last weights
         model = model.to(memory_format=torch.channels_last)
-        model._channels_last = True
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         paths = []

@@ -62,3 +62,23 @@ def test_exact_cosine_retrieval_scores():
     labels = list(range(50))
     s = search_scores(queries, [3, 17], refs, labels)
     assert s["map_at_k"] == 1.0 and s["recall_at_1"] == 1.0
+
+
+def test_channels_last_weights_get_channels_last_batches(image_dataset, backbones_model, tmp_path):
+    import copy
+
+    import torch
+
+    from backbones.model import input_memory_format
+
+    paths = _paths(image_dataset)[:4]
+    plain, _ = extract_descriptors(backbones_model, paths, config=CONFIG, progress=False)
+    assert input_memory_format(backbones_model) == torch.contiguous_format
+    model = copy.deepcopy(backbones_model).to(memory_format=torch.channels_last)
+    assert input_memory_format(model) == torch.channels_last
+    seen = []
+    model.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)
+                                         and not args[0].is_contiguous()))
+    desc, _ = extract_descriptors(model, paths, config=CONFIG, batch_size=2, progress=False)
+    assert seen == [True, True] and np.allclose(desc, plain, atol=1e-5)

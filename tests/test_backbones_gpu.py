@@ -396,3 +396,9 @@ def test_extraction_resolves_auto_workers(monkeypatch, image_dataset):
     with pytest.raises(Stop):
         extract_mod.extract_descriptors(model, paths, device="cpu", workers=0)
     assert [(kw["num_workers"], kw["pin_memory"]) for kw in made] == [(4, False), (0, False)]
+
+
+def test_ranks_other_than_0_write_no_tensorboard_curves(image_dataset, tmp_path, monkeypatch):
+    _fake_rank(monkeypatch, rank=1)   # rank 0's curves: tests/test_backbones_train.py
+    assert train_mod.train(_cfg(image_dataset, tmp_path / "run", tensorboard=str(tmp_path / "tb")))["epoch"] == 1
+    assert not (tmp_path / "tb").exists()

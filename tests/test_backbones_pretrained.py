@@ -75,10 +75,9 @@ def put_in_cache(cache: Path, repo: str, files: dict[str, Path]) -> None:
 
 def timm_repo(folder: Path, arch: str = TINY, mean=(0.1, 0.2, 0.3), std=(0.3, 0.2, 0.1), **model_args) -> Path:
     """A timm model repo (config.json + model.safetensors) of random ``arch`` weights, written by timm."""
-    from timm.models._hub import save_for_hf
     torch.manual_seed(7)
     model = timm.create_model(arch, pretrained=False)
-    save_for_hf(model, str(folder), safe_serialization=True, data_config={"mean": mean, "std": std})
+    timm.models.save_for_hf(model, str(folder), safe_serialization=True, data_config={"mean": mean, "std": std})
     if model_args:
         config = json.loads((folder / "config.json").read_text())
         config.setdefault("model_args", {}).update(model_args)
@@ -222,3 +221,26 @@ def test_shared_imagenet_weights_load_under_a_family_name(family, arch, mean):
     model = build_model(family, embedding_dim=8, pretrained=path, announce=False)
     assert model.spec.arch == arch and model.spec.mean[0] == mean
     assert_body_holds(model, path)
+
+
+def test_the_repo_config_reader_reads_what_the_installed_timm_writes(tmp_path):
+    """timm has no public reader of a local repo's config.json: ours must read what timm's public
+    writer (``timm.models.save_for_hf``) writes. A failure here means timm changed the format."""
+    from backbones.pretrained import read_repo_config
+
+    repo = timm_repo(tmp_path / "repo", drop_rate=0.25)
+    arch, model_args, cfg = read_repo_config(repo / "config.json", "test")
+    got = (arch, model_args.get("drop_rate"), tuple(cfg.get("mean", ())), tuple(cfg.get("std", ())))
+    assert got == (TINY, 0.25, (0.1, 0.2, 0.3), (0.3, 0.2, 0.1)), (
+        f"timm {timm.__version__} writes config.json in a form backbones.pretrained.read_repo_config no longer "
+        f"reads: {(repo / 'config.json').read_text()[:400]}")
+    legacy = tmp_path / "legacy.json"   # older repos: one flat dict
+    legacy.write_text(json.dumps({"architecture": TINY, "num_classes": 1000, "mean": [0.5] * 3, "std": [0.5] * 3}))
+    arch, model_args, cfg = read_repo_config(legacy, "old")
+    assert (arch, model_args, cfg["mean"]) == (TINY, {}, [0.5] * 3)
+    for text, why in (("{not json", "JSONDecodeError"), ('{"pretrained_cfg": {}}', "no \"architecture\""),
+                      ('{"architecture": "x", "model_args": [1]}', "must be objects")):
+        legacy.write_text(text)
+        with pytest.raises(PretrainedMismatch, match=rf"--pretrained old: legacy\.json is not a timm model config "
+                                                     rf".*{why}"):
+            read_repo_config(legacy, "old")

@@ -1,4 +1,5 @@
-"""backbones.train: loss goes down, exact resume, 2-process gloo DDP, CLI + extraction CLI."""
+"""backbones.train: loss goes down, exact resume, 2-process gloo DDP, CLI + extraction CLI, the P x K rule,
+the EMA, TensorBoard curves."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from backbones.checkpoint import load_weights
@@ -117,3 +119,115 @@ def test_cli_softmax_sgd_accum_then_extract_cli(image_dataset, tmp_path):
     names = (tmp_path / "q.txt").read_text().split()
     assert desc.shape == (6, 8) and names == sorted(p.stem for p in query.iterdir())
     assert np.allclose(np.linalg.norm(desc, axis=1), 1.0, atol=1e-5)
+
+
+def test_p_from_the_batch_size_is_one_rule_and_a_batch_below_k_is_refused(image_dataset, tmp_path, monkeypatch,
+                                                                             capsys):
+    from backbones import train as train_mod
+    from backbones.config import ConfigError
+    from competition.cli import run_command
+
+    assert TrainConfig(data="d", out="o", batch_size=10, images_per_class=4).batch_classes == 2
+    assert TrainConfig(data="d", out="o", classes_per_batch=5, images_per_class=4).batch_classes == 5
+    assert TrainConfig.from_dict({"data": "d", "out": "o", "batch_size": 10, "images_per_class": 4}).batch_classes == 2
+    with pytest.raises(ConfigError, match=r"--batch-size 3 is smaller than --images-per-class 4"):
+        TrainConfig(data="d", out="o", batch_size=3, images_per_class=4).check()
+    argv = ["--data", str(image_dataset), "--out", str(tmp_path / "run"), "--batch-size", "3",
+            "--images-per-class", "4"]
+    assert run_command(train_mod.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --batch-size 3 is smaller than --images-per-class 4") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+    class Stop(Exception):
+        pass
+
+    def sampler(labels, p, k, **kw):   # what training hands the P x K sampler, from either entry
+        raise Stop(p, k)
+    monkeypatch.setattr(train_mod, "PKSampler", sampler)
+    for cfg in (parse_args(argv[:4] + ["--batch-size", "7", "--images-per-class", "3", "--arch", TINY]),
+                _cfg(image_dataset, tmp_path / "run2", batch_size=7, images_per_class=3, classes_per_batch=16)):
+        with pytest.raises(Stop) as stop:
+            train(cfg)
+        assert stop.value.args == (2, 3)
+
+
+def test_ema_weights_are_the_average_of_the_initial_and_the_trained_ones(image_dataset, tmp_path):
+    from backbones.train import _seed_all
+    cfg = _cfg(image_dataset, tmp_path / "run", epochs=1, max_steps=1, ema=0.25)
+    _seed_all(cfg.seed)                                  # what training builds before its first step
+    initial = build_model(TINY, 16, announce=False).state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(cfg)
+    trained = {k[len("model."):]: v for k, v in load_weights(tmp_path / "run" / "last" / "model.safetensors").items()
+               if k.startswith("model.")}
+    ema = load_weights(tmp_path / "run" / "model.safetensors")
+    assert ema.keys() == initial.keys() == trained.keys()
+    moved = 0
+    for k, start in initial.items():
+        if start.is_floating_point():   # one update with decay 0.25: 0.25 * initial + 0.75 * trained
+            expected = 0.25 * start.double() + 0.75 * trained[k].double()
+            assert torch.allclose(ema[k].double(), expected, atol=1e-6), k
+            moved += not torch.equal(start, trained[k])
+        else:                           # counters (BatchNorm's num_batches_tracked) are copied
+            assert torch.equal(ema[k], trained[k]), k
+    assert moved > 10
+
+
+def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` that TensorBoard shows for the event files in ``folder``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_curves_are_the_log_and_a_resume_leaves_no_duplicate(image_dataset, tmp_path, monkeypatch):
+    from backbones import train as train_mod
+    tb = tmp_path / "tb"
+    cfg = _cfg(image_dataset, tmp_path / "member-a", epochs=2, val_at_start=True, tensorboard=str(tb))
+    real_save_last = train_mod.save_last
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_epoch_2(run):   # the kill lands after epoch 2's curves are written, before it is saved
+        if run.progress.epoch == 2:
+            raise Killed
+        real_save_last(run)
+    monkeypatch.setattr(train_mod, "save_last", killed_at_epoch_2)
+    with pytest.raises(Killed):
+        train(cfg)
+    monkeypatch.setattr(train_mod, "save_last", real_save_last)
+    assert train(TrainConfig(**{**cfg.to_dict(), "crop_scale": tuple(cfg.crop_scale), "resume": True}))["epoch"] == 2
+
+    curves = _scalars(tb / "member-a")
+    assert set(curves) == {"train/loss", "train/images_per_s", "lr/neck", "lr/body", "heldout/mAP@1000",
+                           "heldout/Recall@1"}
+    log = [json.loads(ln) for ln in (tmp_path / "member-a" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1, 2]
+    trained = [r for r in log if r["loss"] is not None]
+    for tag, key in (("train/loss", "loss"), ("train/images_per_s", "img_per_s"), ("lr/neck", "lr")):
+        assert [s for s, _ in curves[tag]] == [1, 2], tag      # each epoch once: the killed one's point is gone
+        assert [v for _, v in curves[tag]] == pytest.approx([r[key] for r in trained], rel=1e-6), tag
+    for tag, key in (("heldout/mAP@1000", "mAP@1000"), ("heldout/Recall@1", "Recall@1")):
+        assert [s for s, _ in curves[tag]] == [0, 1, 2], tag
+        assert [v for _, v in curves[tag]] == pytest.approx([r["val"][key] for r in log], rel=1e-6), tag
+    # no --layer-decay: the body learns at --body-lr-mult (0.1) times the neck's rate
+    assert [v for _, v in curves["lr/body"]] == pytest.approx([0.1 * r["lr"] for r in trained], rel=1e-6)
+
+
+def test_a_missing_tensorboard_is_one_line_before_any_work(image_dataset, tmp_path, monkeypatch, capsys):
+    from backbones.train import main as train_main
+    from competition.cli import run_command
+    monkeypatch.setitem(sys.modules, "tensorboard", None)               # as if it were not installed
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
+    argv = ["--data", str(image_dataset), "--out", str(tmp_path / "run"), "--arch", TINY,
+            "--tensorboard", str(tmp_path / "tb")]
+    assert run_command(train_main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --tensorboard needs the tensorboard package") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists() and not (tmp_path / "tb").exists()
+    # a runtime option: a resume (or a recipe's member) may change it without retraining
+    assert "tensorboard" not in TrainConfig(data="d", out="o", tensorboard="tb").result_options()
