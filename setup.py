@@ -61,5 +61,5 @@ setup(
                                     "backbones.*", "ensemble", "ensemble.*", "tuning", "tuning.*"]),
     py_modules=["main"],
     install_requires=requirements(faiss_choice()),
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "tensorboard"], "tensorboard": ["tensorboard"]},   # --tensorboard
 )
