@@ -1,4 +1,5 @@
-"""tuning.search checks what it can before any trial; a refused bundle leaves nothing; warnings in the caller's terms."""
+"""tuning.search checks what it can before any trial, a refused bundle leaves nothing, a warning speaks the
+caller's terms."""
 import json
 import sys
 import types

@@ -50,6 +50,7 @@ from tuning.objective import (
 )
 from tuning.budget import TrialBudget
 from tuning.sampling import ReproducibleSampler
+from tuning.tensorboard import StudyBoard, require_tensorboard, write_choice
 from tuning.workers import DEFAULTS_ATTR, check_storage_url, is_stale, open_storage, recover_stale_trials
 
 __all__ = ["SearchConfig", "SearchResult", "is_stale", "main", "open_storage", "recover_stale_trials", "run_search",
@@ -222,31 +223,21 @@ class TrialProgress:
 
 def _optimize(study: optuna.Study, objective: Callable[[optuna.trial.Trial], float], config: SearchConfig,
               progress: TrialProgress | None = None) -> None:
-    """Run trials until ``config.n_trials`` are COMPLETE in the study, all workers together
-    (``tuning.budget``), or until the timeout.
-
-    The trials of dead workers are recovered first, so a resumed study re-runs its killed
-    trial before any new one; with ``config.tensorboard`` each completed trial is logged there.
-    """
+    """Run trials until ``config.n_trials`` are COMPLETE in the study, all workers together, or until the
+    timeout (``tuning.budget``: dead workers' trials are recovered first, so a resumed study re-runs its
+    killed trial before any new one); each completed trial goes to ``config.tensorboard`` when set."""
     budget = TrialBudget(config.n_trials, config.stale_after_s)
-    left = budget.start(study)
-    if left <= 0:
+    if (left := budget.start(study)) <= 0:
         return
     log.info("study %s: %d of %d trials complete or running, running up to %d more",
              study.study_name, config.n_trials - left, config.n_trials, left)
-    with contextlib.ExitStack() as stack:
-        callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [budget]
-        if progress is not None:
-            callbacks.append(progress)
-        if config.tensorboard:
-            from tuning.tensorboard import StudyBoard
-            callbacks.append(stack.enter_context(StudyBoard(config.tensorboard, config.k)))
-        study.optimize(objective, n_trials=None, timeout=config.timeout, n_jobs=config.n_jobs, callbacks=callbacks)
+    with StudyBoard.open(config.tensorboard, config.k) as board:   # None without a folder
+        study.optimize(objective, n_trials=None, timeout=config.timeout, n_jobs=config.n_jobs,
+                       callbacks=[c for c in (budget, progress, board) if c is not None])
 
 
 def _create_or_load(name: str, storage: optuna.storages.BaseStorage | None, seed: int) -> tuple[optuna.Study, bool]:
-    """Return (study, created): created is True only for the one process that created it. The
-    sampler draws each trial from (seed, its place in the study): see ``tuning.sampling``."""
+    """Return (study, created): created is True only for the process that created it (sampler: ``tuning.sampling``)."""
     sampler = ReproducibleSampler(seed)
     try:
         return optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler), True
@@ -330,13 +321,9 @@ def tune_bundle(bundle_path: str | os.PathLike, config: SearchConfig, storage: s
                 study_name: str | None = None, load_bundle: Callable[[str], Any] | None = None,
                 write_report: bool = True) -> SearchResult:
     """Search on a bundle's held-out set, write the best post-processing into it, report to ``tuning_dir``.
-
-    Checks what it can before any trial, each a ``UserError``: the tensorboard package (with
-    ``config.tensorboard``), the storage URL and its driver, the bundle, the storage opening.
-    A refused bundle (a refit) leaves nothing behind.
-    """
+    Before any trial, a ``UserError`` each: tensorboard missing, a bad storage URL or driver, the bundle, the
+    storage not opening; a refused (refit) bundle leaves nothing behind."""
     if config.tensorboard:
-        from tuning.tensorboard import require_tensorboard
         require_tensorboard()
     check_storage_url(storage)
     if load_bundle is None:
@@ -351,7 +338,6 @@ def tune_bundle(bundle_path: str | os.PathLike, config: SearchConfig, storage: s
     result = run_search(heldout_set(bundle), config, storage=opened, study_name=study_name)
     bundle.set_postprocessing(result.best_post)
     if config.tensorboard:
-        from tuning.tensorboard import write_choice
         write_choice(config.tensorboard, result, getattr(bundle, "member_names", None))
     if write_report:
         from tuning.report import write_report as _write

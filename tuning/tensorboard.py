@@ -15,6 +15,7 @@ package: ``require_tensorboard`` says so as a one-line ``UserError``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from typing import Any, Sequence
@@ -58,6 +59,11 @@ class StudyBoard:
             self.writer.add_scalar(self.value_tag, trial.value, trial.number)
             self.writer.add_scalar(self.best_tag, best, trial.number)
             self.writer.flush()
+
+    @classmethod
+    def open(cls, logdir: str | os.PathLike | None, k: int = 1000) -> "StudyBoard | contextlib.nullcontext[None]":
+        """A board on ``logdir``, or a context giving None without one."""
+        return cls(logdir, k) if logdir else contextlib.nullcontext()
 
     def __enter__(self) -> "StudyBoard":
         return self
