@@ -62,5 +62,5 @@ setup(
                                     "backbones.*", "ensemble", "ensemble.*", "tuning", "tuning.*"]),
     py_modules=["main"],
     install_requires=requirements(faiss_choice()),
-    extras_require={"test": ["pytest", TENSORBOARD], "tensorboard": [TENSORBOARD]},   # backbones.train --tensorboard
+    extras_require={"test": ["pytest", TENSORBOARD], "tensorboard": [TENSORBOARD]},   # --tensorboard (training and tuning)
 )

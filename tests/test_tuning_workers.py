@@ -121,3 +121,64 @@ def test_heartbeat_needs_an_rdb_storage(tmp_path):
     from competition.cli import UserError
     with pytest.raises(UserError, match="--heartbeat needs an RDB storage"):
         open_storage(f"journal:{tmp_path}/j.log", heartbeat_s=10)
+
+
+def test_the_optuna_internals_the_kit_relies_on_still_hold(tmp_path):
+    """If this fails, Optuna changed an internal that tuning/optuna_hooks.py relies on: update that module."""
+    from tuning.optuna_hooks import CHECKED_WITH, enqueued_params
+    why = f"optuna {optuna.__version__} (tuning/optuna_hooks.py was checked with {CHECKED_WITH})"
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/s.db"), study_name="s")
+    fresh = study.ask()
+    assert study.trials[fresh.number].user_attrs.get(WORKER_ATTR) == worker_id(), (
+        f"{why}: _CachedStorage no longer creates RDB trials through RDBStorage._create_new_trial")
+    study.enqueue_trial({"x": 1}, user_attrs={"a": 1})
+    [waiting] = study.get_trials(states=(TrialState.WAITING,))
+    assert enqueued_params(waiting) == {"x": 1}, (
+        f"{why}: Study.enqueue_trial no longer keeps the parameters in the 'fixed_params' system attribute")
+
+
+def test_only_the_hooks_module_touches_optuna_internals():
+    import re
+    from pathlib import Path
+    internal = re.compile(r"\._storage\b|\._trial_id\b|\._study_id\b|_create_new_trial|_CachedStorage|fixed_params")
+    root = Path(__file__).resolve().parents[1] / "tuning"
+    found = [f"{f.name}:{n}" for f in sorted(root.glob("*.py")) if f.name != "optuna_hooks.py"
+             for n, line in enumerate(f.read_text().splitlines(), 1) if internal.search(line)]
+    assert found == []
+
+
+def test_a_trial_names_its_worker_in_one_write(tmp_path, tuning_heldout, monkeypatch):
+    """A fresh trial is created naming its worker; a popped one gets one write; the objective writes none."""
+    writes = []
+    real = workers.MarkedJournalStorage.set_trial_user_attr
+
+    def counting(self, trial_id, key, value):
+        if key == WORKER_ATTR:
+            writes.append(trial_id)
+        real(self, trial_id, key, value)
+    monkeypatch.setattr(workers.MarkedJournalStorage, "set_trial_user_attr", counting)
+    r = run_search(tuning_heldout, SearchConfig(n_trials=5), storage=f"journal:{tmp_path}/j.log", study_name="s")
+    assert len(writes) == 3  # the three enqueued trials (defaults, textbook k-reciprocal and diffusion), at their pop
+    assert all(t.user_attrs[WORKER_ATTR] == worker_id() for t in r.study.trials)
+
+
+def test_open_storage_refuses_a_storage_whose_trials_name_no_worker():
+    with pytest.raises(TypeError, match="InMemoryStorage: pass a storage URL or a tuning.workers Marked"):
+        open_storage(optuna.storages.InMemoryStorage())
+    marked = workers.MarkedInMemoryStorage()
+    assert open_storage(marked) is marked
+
+
+def test_the_budget_counts_live_running_trials_only_and_stops_a_full_study(tmp_path, dead_pid):
+    from tuning.budget import TrialBudget
+    study = optuna.create_study(storage=open_storage(f"journal:{tmp_path}/j.log"), study_name="s")
+    study.tell(study.ask(), 0.1)
+    dead = study.ask()
+    dead.set_user_attr(WORKER_ATTR, f"{HOST}:{dead_pid}")
+    live = study.ask()  # another worker's trial (this process: alive)
+    budget = TrialBudget(3)
+    assert budget.left(study) == 1 and budget.left(study, before=live.number) == 2  # the dead one never counts
+    study.optimize(lambda trial: 0.5, n_trials=None, callbacks=[budget])  # stops once the study is full
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.RUNNING, TrialState.RUNNING,
+                                               TrialState.COMPLETE]  # counting recovered nothing
+    assert budget.start(study) == 0 and study.trials[dead.number].state == TrialState.FAIL  # start recovers

@@ -22,6 +22,7 @@ from ensemble.combine import normalize_weights
 from ensemble.postprocess import PostProcessing, ensemble_descriptors, fit_whitening_for
 from ensemble.whitening import Whitening
 from rerank.pipeline import rerank
+from tuning.budget import TrialBudget
 from tuning.folds import FoldProblem
 from tuning.heldout import HeldoutSet
 from tuning.space import (
@@ -32,7 +33,7 @@ from tuning.space import (
     standard_params,
     suggest_postprocessing,
 )
-from tuning.workers import DEFAULTS_ATTR, WORKER_ATTR, recover_stale_trials, worker_id
+from tuning.workers import DEFAULTS_ATTR, WORKER_ATTR
 
 __all__ = ["DEFAULTS_ATTR", "WORKER_ATTR", "SearchSpace", "WhiteningCache", "build_objective", "default_params",
            "evaluate", "fit_space", "max_whiten_dim", "post_from_params", "rank", "standard_params",
@@ -104,16 +105,9 @@ def max_whiten_dim(heldout: HeldoutSet) -> int:
 
 
 def _budget_reached(trial: optuna.Trial, n_trials: int, stale_after_s: float | None = None) -> bool:
-    """True when ``n_trials`` trials are complete or running ahead of this one (any worker).
-
-    Trials of dead workers are recovered first (FAIL, parameters re-enqueued): they never
-    count as running ahead.
-    """
-    recover_stale_trials(trial.study, stale_after_s)
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-    ahead = [t for t in trial.study.get_trials(deepcopy=False, states=states)
-             if t.state == optuna.trial.TrialState.COMPLETE or t.number < trial.number]
-    return len(ahead) >= n_trials
+    """True when ``n_trials`` trials are complete or running ahead of this one (any worker);
+    trials of dead workers are recovered first and never count (``tuning.budget``)."""
+    return TrialBudget(n_trials, stale_after_s).reached(trial)
 
 
 def build_objective(problem: FoldProblem, space: SearchSpace, k: int = 1000,
@@ -132,7 +126,6 @@ def build_objective(problem: FoldProblem, space: SearchSpace, k: int = 1000,
     space = fit_space(space, len(data.query_labels), len(data.reference_labels))
 
     def objective(trial: optuna.Trial) -> float:
-        trial.set_user_attr(WORKER_ATTR, worker_id())
         if n_trials is not None and _budget_reached(trial, n_trials, stale_after_s):
             trial.set_user_attr("pruned_reason", "trial budget reached")
             trial.study.stop()

@@ -42,6 +42,7 @@ from optuna.trial import TrialState
 from competition.cli import ArgumentParser, UserError, number, run_command, show_progress
 from competition.metrics import file_keys
 from ensemble.postprocess import PostProcessing
+from tuning.budget import TrialBudget
 from tuning.choice import Candidate, FinalChoice, candidates, choose
 from tuning.folds import FoldScores, class_sizes
 from tuning.heldout import HeldoutSet, heldout_set
@@ -57,8 +58,10 @@ from tuning.objective import (
     standard_params,
 )
 from tuning.problems import OBJECTIVES, distractor_count, split_halves, study_problems, tuning_problems
+from tuning.sampling import ReproducibleSampler
 from tuning.space import boundary_notes, sized_space
-from tuning.workers import DEFAULTS_ATTR, is_stale, open_storage, recover_stale_trials
+from tuning.tensorboard import StudyBoard, require_tensorboard, write_choice
+from tuning.workers import DEFAULTS_ATTR, check_storage_url, is_stale, open_storage, recover_stale_trials
 
 __all__ = ["SearchConfig", "SearchResult", "distractor_count", "is_stale", "main", "open_storage",
            "recover_stale_trials", "run_search", "search_space", "split_halves", "split_warnings", "tune_bundle",
@@ -91,6 +94,8 @@ class SearchConfig:
     #                                          images (queries + gallery); None: the whole split
     final_top: int = 10            # the best trials re-scored on the whole split for the final choice
     spread_weight: float = 0.0     # final choice: mean over folds minus this times their spread
+    tensorboard: str | None = None  # a folder: each completed trial's value and the best so far, then the choice
+    heldout_remedy: str = "--heldout-fraction 0.4"   # how the caller holds out more classes (split warnings)
 
 
 MIN_SEARCH_QUERIES = 20   # fewer held-out queries in the search half: its mAP is too noisy to tune on
@@ -137,12 +142,14 @@ class SearchResult:
 SATURATED = 0.98   # a best trial at or above this cannot be told from its neighbours
 
 
-def split_warnings(search_half: HeldoutSet, values: list[float], k: int = 1000) -> list[str]:
+def split_warnings(search_half: HeldoutSet, values: list[float], k: int = 1000,
+                   remedy: str = SearchConfig.heldout_remedy) -> list[str]:
     """Plain sentences on why a search half cannot inform the tuning ([] when it can).
 
-    ``values``: mAP@k of the completed trials on ``search_half``.
+    ``values``: mAP@k of the completed trials on ``search_half``; ``remedy``: how the caller
+    holds out more classes, in its own terms (the CLI's option by default).
     """
-    fix = "hold out a larger share of the train classes (e.g. --heldout-fraction 0.4)"
+    fix = f"hold out a larger share of the train classes (e.g. {remedy})"
     out = []
     n_queries, n_classes = len(search_half.query_labels), len(np.unique(search_half.query_labels))
     if n_queries < MIN_SEARCH_QUERIES:
@@ -195,33 +202,22 @@ class TrialProgress:
 
 def _optimize(study: optuna.Study, objective: Callable[[optuna.trial.Trial], float], config: SearchConfig,
               progress: TrialProgress | None = None) -> None:
-    """Run trials until ``config.n_trials`` are COMPLETE in the study, counting the RUNNING
-    trials of live workers as theirs; stops at the timeout or when a round completes none.
-
-    A trial found stale meanwhile (another worker died) is re-enqueued by the objective
-    and run in a further round: a dead worker never ends the study short.
-    """
-    deadline = None if config.timeout is None else time.monotonic() + config.timeout
-    while True:
-        recover_stale_trials(study, config.stale_after_s)
-        n_done = _n_complete(study)
-        n_running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        left = None if deadline is None else deadline - time.monotonic()
-        if n_done + n_running >= config.n_trials or (left is not None and left <= 0):
-            return
-        log.info("study %s: %d of %d trials complete, %d running elsewhere, running up to %d more",
-                 study.study_name, n_done, config.n_trials, n_running, config.n_trials - n_done - n_running)
-        study.optimize(objective, n_trials=config.n_trials - n_done - n_running, timeout=left,
-                       n_jobs=config.n_jobs,
-                       callbacks=[optuna.study.MaxTrialsCallback(config.n_trials, states=(TrialState.COMPLETE,)),
-                                  *([progress] if progress is not None else [])])
-        if _n_complete(study) == n_done:
-            return
+    """Run trials until ``config.n_trials`` are COMPLETE in the study, all workers together, or until the
+    timeout (``tuning.budget``: dead workers' trials are recovered first, so a resumed study re-runs its
+    killed trial before any new one); each completed trial goes to ``config.tensorboard`` when set."""
+    budget = TrialBudget(config.n_trials, config.stale_after_s)
+    if (left := budget.start(study)) <= 0:
+        return
+    log.info("study %s: %d of %d trials complete or running, running up to %d more",
+             study.study_name, config.n_trials - left, config.n_trials, left)
+    with StudyBoard.open(config.tensorboard, config.k) as board:   # None without a folder
+        study.optimize(objective, n_trials=None, timeout=config.timeout, n_jobs=config.n_jobs,
+                       callbacks=[c for c in (budget, progress, board) if c is not None])
 
 
 def _create_or_load(name: str, storage: optuna.storages.BaseStorage | None, seed: int) -> tuple[optuna.Study, bool]:
-    """Return (study, created): created is True only for the one process that created it."""
-    sampler = optuna.samplers.TPESampler(seed=seed)
+    """Return (study, created): created is True only for the process that created it (sampler: ``tuning.sampling``)."""
+    sampler = ReproducibleSampler(seed)
     try:
         return optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler), True
     except optuna.exceptions.DuplicatedStudyError:
@@ -284,7 +280,7 @@ def _run_search(heldout: HeldoutSet, config: SearchConfig | None, storage: str |
         rank(data, default_post, config.k, device=config.device), config.k).value
     values = [float(t.value) for t in complete]
     top = [t.params for t in sorted(complete, key=lambda t: -t.value)[:config.final_top]]
-    warnings = split_warnings(data, values, config.k) + boundary_notes(top, space)
+    warnings = split_warnings(data, values, config.k, config.heldout_remedy) + boundary_notes(top, space)
     for w in warnings:
         log.warning("%s", w)
     return SearchResult(
@@ -353,7 +349,12 @@ def tuning_dir(bundle_path: str | os.PathLike) -> Path:
 def tune_bundle(bundle_path: str | os.PathLike, config: SearchConfig, storage: str | None = None,
                 study_name: str | None = None, load_bundle: Callable[[str], Any] | None = None,
                 write_report: bool = True) -> SearchResult:
-    """Search on a bundle's held-out set, write the best post-processing into it, report to ``tuning_dir``."""
+    """Search on a bundle's held-out set, write the best post-processing into it, report to ``tuning_dir``.
+    Before any trial, a ``UserError`` each: tensorboard missing, a bad storage URL or driver, the bundle, the
+    storage not opening; a refused (refit) bundle leaves nothing behind."""
+    if config.tensorboard:
+        require_tensorboard()
+    check_storage_url(storage)
     if load_bundle is None:
         from ensemble.bundle import Bundle
         load_bundle = Bundle.load
@@ -362,12 +363,14 @@ def tune_bundle(bundle_path: str | os.PathLike, config: SearchConfig, storage: s
         raise UserError(f"{bundle_path}: a refit bundle (its members learnt the held-out classes) cannot be "
                         "tuned honestly: tune the bundle it was refit from")
     out = tuning_dir(bundle_path)
-    out.mkdir(parents=True, exist_ok=True)
-    storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    result = run_search(heldout_set(bundle), config, storage=storage, study_name=study_name)
+    opened = open_storage(storage or f"sqlite:///{(out / 'study.db').resolve()}", config.heartbeat_s)
+    result = run_search(heldout_set(bundle), config, storage=opened, study_name=study_name)
     bundle.set_postprocessing(result.best_post)
+    if config.tensorboard:
+        write_choice(config.tensorboard, result, getattr(bundle, "member_names", None))
     if write_report:
         from tuning.report import write_report as _write
+        out.mkdir(parents=True, exist_ok=True)
         _write(result, out)
     return result
 
@@ -414,6 +417,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     help="RDB storages: running trials record a heartbeat every S seconds; one silent for 4*S "
                          "is failed and re-run (workers on several hosts; same-host dead workers are seen at once)")
     ap.add_argument("--no-report", action="store_true", help="skip the report and plots")
+    ap.add_argument("--tensorboard", default=None, metavar="DIR",
+                    help="log each completed trial's mAP@k and the best so far (step = trial number), then the "
+                         "chosen parameters, to a TensorBoard folder (needs the tensorboard package)")
     return ap.parse_args(argv)
 
 
@@ -426,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                           space=SearchSpace(kreciprocal=not args.no_kreciprocal, diffusion=not args.no_diffusion),
                           size_space=not args.fixed_space, max_study_images=args.max_study_images,
                           final_top=args.final_top, spread_weight=args.spread_weight,
-                          stale_after_s=args.stale_after, heartbeat_s=args.heartbeat)
+                          stale_after_s=args.stale_after, heartbeat_s=args.heartbeat, tensorboard=args.tensorboard)
     r = tune_bundle(args.bundle, config, storage=args.storage, study_name=args.study,
                     write_report=not args.no_report)
     print(f"{r.rate_line()}; best trial by the final choice {r.best_trial}: mAP@{config.k} {r.best_value:.4f} "

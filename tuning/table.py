@@ -1,8 +1,8 @@
 """The recipe's table: what each stage adds, on the held-out split and on the test set.
 
 Rows: each member alone, the ensemble with equal weights, + PCA-whitening, + DBA/aQE,
-+ k-reciprocal with default parameters, or + diffusion with default parameters instead, the tuned post-processing, and (when the recipe
-refits) the refit checkpoint. Scores are mAP@k and Recall@1 as ``tuning.objective.evaluate``
++ k-reciprocal with default parameters, or + diffusion with default parameters instead, the
+tuned post-processing, and (when the recipe refits) the refit checkpoint. Scores are mAP@k and Recall@1 as ``tuning.objective.evaluate``
 computes them; a row's ``heldout`` or ``test`` is None where it cannot be scored honestly.
 """
 from __future__ import annotations

@@ -18,6 +18,8 @@ Optuna's heartbeat of the trial stops (optuna 5.0: ``RDBStorage`` only; its
 ``JournalStorage`` has no heartbeat, and a trial killed before its first heartbeat
 is never heartbeat-stale). ``recover_stale_trials`` marks stale trials FAIL and
 re-enqueues their parameters.
+
+Only public Optuna APIs, except the two internals ``tuning.optuna_hooks`` keeps.
 """
 from __future__ import annotations
 
@@ -32,10 +34,11 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
-from optuna.storages import BaseStorage, InMemoryStorage, JournalStorage, RDBStorage
+from optuna.storages import BaseStorage, InMemoryStorage, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from competition.cli import UserError
+from competition.cli import UserError, one_line
+from tuning.optuna_hooks import RDBCreationHook, enqueued_params
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +55,17 @@ def worker_id() -> str:
 class _WorkerMarks:
     """Storage mixin: a trial names its worker from the instant it is RUNNING (see the module doc)."""
 
-    def _marked_trial(self) -> FrozenTrial:
+    def creation_template(self, template_trial: FrozenTrial | None) -> FrozenTrial:
+        """``template_trial``, or for a fresh trial a RUNNING one that names this worker."""
+        if template_trial is not None:
+            return template_trial
         return FrozenTrial(number=-1, state=TrialState.RUNNING, value=None,
                            datetime_start=datetime.datetime.now(), datetime_complete=None, params={},
                            distributions={}, user_attrs={WORKER_ATTR: worker_id()}, system_attrs={},
                            intermediate_values={}, trial_id=-1)
 
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
-        return super().create_new_trial(study_id, self._marked_trial() if template_trial is None else template_trial)
+        return super().create_new_trial(study_id, self.creation_template(template_trial))
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
         if state != TrialState.RUNNING:  # RUNNING is only ever set when a queued trial is popped
@@ -77,12 +83,8 @@ class _WorkerMarks:
         return won
 
 
-class MarkedRDBStorage(_WorkerMarks, RDBStorage):
+class MarkedRDBStorage(_WorkerMarks, RDBCreationHook):
     """``RDBStorage`` whose trials name their worker."""
-
-    def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
-        # optuna's _CachedStorage (the wrapper of every RDBStorage) calls this, not create_new_trial
-        return super()._create_new_trial(study_id, self._marked_trial() if template_trial is None else template_trial)
 
 
 class MarkedJournalStorage(_WorkerMarks, JournalStorage):
@@ -93,18 +95,43 @@ class MarkedInMemoryStorage(_WorkerMarks, InMemoryStorage):
     """``InMemoryStorage`` whose trials name their worker (threads of one process)."""
 
 
+STORAGE_FORMS = "sqlite:///PATH, an SQLAlchemy database URL (postgresql://USER@HOST/DB) or journal:PATH"
+
+
+def check_storage_url(storage: str | BaseStorage | None) -> None:
+    """Raise ``UserError`` when ``storage`` is not a URL Optuna can open or its database driver
+    does not import; creates nothing (no file, no connection)."""
+    if not isinstance(storage, str) or storage.startswith("journal:"):
+        if isinstance(storage, str) and not storage[len("journal:"):]:
+            raise UserError(f"storage {storage!r}: journal: needs a file path")
+        return
+    import sqlalchemy
+    try:
+        sqlalchemy.create_engine(storage).dispose()   # parses the URL, imports the driver, does not connect
+    except ImportError as exc:
+        raise UserError(f"storage {storage}: its database driver is not installed ({exc}); pip install it") from exc
+    except sqlalchemy.exc.ArgumentError as exc:
+        raise UserError(f"storage {storage!r}: not a storage URL ({one_line(exc)}); use {STORAGE_FORMS}") from exc
+
+
 def open_storage(storage: str | BaseStorage | None, heartbeat_s: int | None = None) -> BaseStorage:
-    """Turn ``None`` / ``journal:PATH`` / an RDB URL into a storage whose trials name their worker.
+    """Turn ``None`` / ``journal:PATH`` / an RDB URL into an open storage whose trials name their worker.
 
     ``heartbeat_s`` (RDB URLs only): every running trial records a heartbeat that often;
     a trial silent for 4 heartbeats is failed and its parameters re-enqueued (for workers
-    on several hosts). A storage object is returned as it is (no worker marks: a trial
-    killed before its objective starts is then recovered only by ``stale_after_s``).
+    on several hosts). A bad URL, a missing driver or a storage that does not open is a
+    ``UserError`` naming the URL. A storage object is returned as it is: one of the
+    ``Marked*Storage`` classes above, since the trials of any other never name their worker
+    (``TypeError``).
     """
-    if isinstance(storage, BaseStorage):
+    if isinstance(storage, _WorkerMarks):
         return storage
+    if isinstance(storage, BaseStorage):
+        raise TypeError(f"{type(storage).__name__}: pass a storage URL or a tuning.workers Marked*Storage "
+                        "(the trials of another storage never name their worker, so a dead worker's stay RUNNING)")
     if storage is None:
         return MarkedInMemoryStorage()
+    check_storage_url(storage)
     if storage.startswith("journal:"):
         if heartbeat_s is not None:
             raise UserError(f"--heartbeat needs an RDB storage: optuna's JournalStorage ({storage}) has none; "
@@ -120,9 +147,13 @@ def open_storage(storage: str | BaseStorage | None, heartbeat_s: int | None = No
     if heartbeat_s is not None:
         kwargs.update(heartbeat_interval=heartbeat_s, grace_period=4 * heartbeat_s,
                       heartbeat_stale_trial_callback=requeue)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval is experimental
-        return MarkedRDBStorage(storage, **kwargs)
+    import sqlalchemy
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval is experimental
+            return MarkedRDBStorage(storage, **kwargs)
+    except (sqlalchemy.exc.SQLAlchemyError, RuntimeError) as exc:  # RuntimeError: a schema of another optuna
+        raise UserError(f"storage {storage}: cannot open it ({one_line(exc)})") from exc
 
 
 def _pid_alive(pid: int) -> bool:
@@ -166,7 +197,7 @@ def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
     attrs: dict[str, Any] = {"retry_of": trial.number}
     if trial.user_attrs.get(DEFAULTS_ATTR):
         attrs[DEFAULTS_ATTR] = True
-    study.enqueue_trial({**trial.system_attrs.get("fixed_params", {}), **trial.params}, user_attrs=attrs)
+    study.enqueue_trial({**enqueued_params(trial), **trial.params}, user_attrs=attrs)
     log.warning("trial %d was left RUNNING by a dead worker: marked FAIL, parameters re-enqueued", trial.number)
 
 
@@ -174,18 +205,16 @@ def recover_stale_trials(study: optuna.Study, stale_after_s: float | None = None
     """Mark stale RUNNING trials FAIL and re-enqueue their parameters; return the numbers of
     those found by ``is_stale`` (heartbeat-stale ones, on a storage with a heartbeat, are
     failed and re-enqueued by Optuna's ``fail_stale_trials`` and ``requeue``)."""
-    if getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)   # does nothing without a heartbeat
     recovered = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not is_stale(t, stale_after_s):
             continue
         try:
-            if not study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-                continue
-        except (RuntimeError, UpdateFinishedTrialError):
+            study.tell(t.number, state=TrialState.FAIL)
+        except (ValueError, UpdateFinishedTrialError):
             continue  # another worker finished or recovered it meanwhile
         requeue(study, t)
         recovered.append(t.number)
