@@ -38,12 +38,12 @@ class GeneratedConfig:
     images_per_class: float = 53.0      # median class size of the test classes (train: from the two above)
     members: int = 3
     dim: int = 512
-    latent: int = 96
-    modes: tuple[int, int] = (1, 4)     # modes per class, uniform in [low, high]
-    mode_step: float = 0.9              # distance between consecutive modes (latent units)
-    noise: float = 0.55                 # image noise around its mode
+    latent: int = 32
+    modes: tuple[int, int] = (1, 5)     # modes per class, uniform in [low, high]
+    mode_step: float = 1.5              # distance between consecutive modes (per latent dimension)
+    noise: float = 0.55                 # image noise around its mode (per latent dimension)
     member_noise: tuple[float, ...] = (0.6, 0.8, 1.0)
-    nuisance: float = 1.5
+    nuisance: float = 0.2
     heldout: float = 0.3
     query_fraction: float = 0.25
     seed: int = 0
