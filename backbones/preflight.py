@@ -122,6 +122,7 @@ def _hub_problem(text: str, arch: str) -> str | None:
 
     from backbones.pretrained import (HUB_PREFIX, HUB_WEIGHT_FILES, PROBE_TIMEOUT_S, find_weights, hub_cache_dir,
                                       hub_offline)
+    from backbones.pretrained import _unavailable   # the one wording of "cannot be had" (same package)
     if text.startswith(HUB_PREFIX):
         repo, _, revision = text[len(HUB_PREFIX):].partition("@")
         if repo.count("/") != 1 or not all(repo.split("/")):
@@ -140,10 +141,8 @@ def _hub_problem(text: str, arch: str) -> str | None:
     if all(any(isinstance(try_to_load_from_cache(repo, name, cache_dir=cache, revision=revision), str)
                for name in names) for names in needed):
         return None
-    fill = (f"pass a local file (--pretrained /path/to/file.safetensors), or fill a cache where there is a "
-            f"network (HF_HOME=DIR hf download {repo}), copy DIR here and set HF_HOME=DIR HF_HUB_OFFLINE=1")
     if hub_offline():
-        return f"--pretrained {text}: {repo} is not in the Hugging Face cache {cache} and HF_HUB_OFFLINE is set; {fill}"
+        return str(_unavailable(text, repo, needed[0][0], "HF_HUB_OFFLINE is set", cache))
     timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or PROBE_TIMEOUT_S)
     url = hf_hub_url(repo, needed[0][0], revision=revision, endpoint=os.environ.get("HF_ENDPOINT") or None)
     try:
@@ -155,7 +154,5 @@ def _hub_problem(text: str, arch: str) -> str | None:
     except RepositoryNotFoundError:
         return f"--pretrained {text}: no repository {repo} on the Hugging Face hub, or it is private or gated"
     except Exception as exc:  # noqa: BLE001 - network, proxy, server: all mean "cannot fetch now"
-        reason = f"{type(exc).__name__}: {one_line(exc)[:160]}"
-        return f"--pretrained {text}: {repo} is not in the Hugging Face cache {cache} and the hub does not answer " \
-               f"({reason}); {fill}"
+        return str(_unavailable(text, repo, needed[0][0], f"{type(exc).__name__}: {one_line(exc)[:160]}", cache))
     return None

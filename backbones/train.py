@@ -137,7 +137,7 @@ def train(cfg: TrainConfig) -> dict:
     preflight(cfg)
     rank, world, device = dist_setup(cfg.device)
     try:
-        with RunLock(cfg.out, what="training run") if rank == 0 else contextlib.nullcontext():
+        with RunLock(cfg.out) if rank == 0 else contextlib.nullcontext():
             return _train(cfg, rank, world, device)
     finally:
         if world > 1:

@@ -40,8 +40,8 @@ def holder_line(info: dict) -> str:
 class RunLock:
     """An exclusive lock on a run folder (see the module docstring)."""
 
-    def __init__(self, folder: str | os.PathLike, what: str = "run"):
-        self.folder, self.what = Path(folder), what
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
         self.path = self.folder / LOCK_FILE
         self._fd: int | None = None
         self._made_folder = False
@@ -66,7 +66,7 @@ class RunLock:
                 info = _read(fd)
                 os.close(fd)
                 self._forget_folder()
-                raise RunLocked(f"{self.folder}: another {self.what} is using this folder: {holder_line(info)}; "
+                raise RunLocked(f"{self.folder}: another run is using this folder: {holder_line(info)}; "
                                 "wait for it to end or stop it, or choose another folder") from None
             except OSError as exc:   # a file system without flock: run unguarded rather than not at all
                 warnings.warn(f"{self.folder}: cannot lock {LOCK_FILE} ({exc.strerror}); a second run in this "

@@ -123,6 +123,13 @@ def _train_in_subprocess(options: dict, log_path: str, threads: int) -> tuple[di
         return _train_in_process({**options, "progress": False}), time.time() - t0
 
 
+def member_pool(parallel: int) -> ProcessPoolExecutor:
+    """``parallel`` spawned worker processes that die with this one however it dies, SIGKILL included
+    (``competition.lifeline``; their DataLoader workers follow them)."""
+    return ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=die_with_parent, initargs=(os.getpid(),))
+
+
 def train_members(cfg: RecipeConfig, data: Path, split: HeldoutSplit | None, folder: str = "members",
                   label: str = "member") -> dict[str, dict]:
     """Train (or resume, or skip) every member into OUT/<folder>/<name>; ``cfg.parallel`` at once.
@@ -165,10 +172,7 @@ def train_members(cfg: RecipeConfig, data: Path, split: HeldoutSplit | None, fol
     threads = max(1, (os.cpu_count() or 1) // cfg.parallel)
     each = f"{threads} thread{'s' if threads > 1 else ''} each"
     say(f"training {len(todo)} {label}s, {cfg.parallel} at a time ({each}); logs in {out / folder}/<name>/train.log")
-    ctx = multiprocessing.get_context("spawn")
-    # members die with the recipe, however it dies (their DataLoader workers follow them)
-    with ProcessPoolExecutor(max_workers=cfg.parallel, mp_context=ctx, initializer=die_with_parent,
-                             initargs=(os.getpid(),)) as pool:
+    with member_pool(cfg.parallel) as pool:
         started = {}
         for name, options, step, config in todo:   # in recipe order: list the longest member first
             Path(options["out"]).mkdir(parents=True, exist_ok=True)
@@ -270,7 +274,7 @@ def submit_through_main(cfg: RecipeConfig, data: Path, bundle_dir: Path) -> dict
 def run_recipe(cfg: RecipeConfig) -> list[dict]:
     """Run every step (skipping current ones); return the table rows and write OUT/results.*."""
     check_recipe(cfg.check())   # every problem at once, before OUT is created
-    with RunLock(cfg.out, what="recipe run"):
+    with RunLock(cfg.out):
         return _run_recipe(cfg)
 
 
