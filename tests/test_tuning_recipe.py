@@ -87,7 +87,7 @@ def test_a_copied_run_folder_re_trains_and_re_tunes_nothing(recipe_run, tmp_path
     capsys.readouterr()
     assert main(["--config", str(root / "tiny.toml"), "--out", str(moved)]) == 0
     said = capsys.readouterr().out
-    assert "training" not in said and "changed" not in said and "tuned," not in said, said
+    assert "[recipe] training" not in said and "changed" not in said and "tuned," not in said, said
     after = {**_mtimes(moved, "steps/*.json"), **_weights_mtimes(moved), **_mtimes(moved, "*/manifest.json")}
     assert after == before and len(before) > 8
     assert not (moved / "run.lock").exists() and not (out / "run.lock").exists()
