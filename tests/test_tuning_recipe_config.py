@@ -183,3 +183,13 @@ def test_command_line_overrides_the_file():
                               "--set", "storage=journal:j.log"]))
     assert cfg.members[0].flip and cfg.members[0].options["pretrained"] == str(Path.cwd() / "w.pth")
     assert cfg.storage == f"journal:{Path.cwd() / 'j.log'}"
+
+
+@pytest.mark.parametrize("name", ["demo", "grocery-gpu"])
+def test_shipped_recipes_read_nothing_outside_the_checkout(name):
+    """Only the CPU benchmark recipe reads the shared folder beside the checkout; the others fetch what
+    they need (timm's tagged weights) or take it on the command line."""
+    cfg = load_recipe(REPO / "recipes" / f"{name}.toml")
+    paths = [cfg.data, cfg.storage] + [m.train_options(cfg.defaults).get("pretrained") or "" for m in cfg.members]
+    local = [p for p in paths if p and p != "timm" and not p.startswith("hf-hub:")]
+    assert all(Path(p).resolve().is_relative_to(REPO) for p in local), local
