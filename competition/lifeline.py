@@ -1,9 +1,10 @@
 """Child processes that die with their parent, however the parent dies (SIGKILL included).
 
-``die_with_parent(parent_pid)`` runs first thing in a child (a ``ProcessPoolExecutor`` initializer,
-a ``subprocess`` ``preexec_fn``): on Linux it asks the kernel for SIGKILL when the parent goes
-(``prctl(PR_SET_PDEATHSIG)``); everywhere it also starts a watchdog thread that ends the process once
-its parent pid changes (the orphan was handed to another process), checked every ``POLL_S`` seconds.
+``die_with_parent(parent_pid)`` runs first thing in a child (a ``ProcessPoolExecutor`` initializer):
+on Linux it asks the kernel for SIGKILL when the parent goes (``prctl(PR_SET_PDEATHSIG)``); everywhere
+it also starts a watchdog thread that ends the process once its parent pid changes (the orphan was
+handed to another process), checked every ``POLL_S`` seconds. ``parent_death_signal`` alone is the
+``preexec_fn`` of a ``subprocess`` (the signal survives its exec; a thread would not).
 A parent already gone when the child starts ends it at once. The child's own DataLoader workers
 watch it the same way (torch's worker loop), so a whole training tree goes with the parent.
 """
