@@ -193,3 +193,18 @@ def test_shipped_recipes_read_nothing_outside_the_checkout(name):
     paths = [cfg.data, cfg.storage] + [m.train_options(cfg.defaults).get("pretrained") or "" for m in cfg.members]
     local = [p for p in paths if p and p != "timm" and not p.startswith("hf-hub:")]
     assert all(Path(p).resolve().is_relative_to(REPO) for p in local), local
+
+
+def test_member_keys_are_every_training_option_as_declared_there():
+    """A new TrainConfig option is a member key at once, typed as training types it; training itself
+    refuses the same values (batch_size = 16.0) when they reach it some other way."""
+    from dataclasses import fields
+
+    from backbones.config import ConfigError, TrainConfig
+    from tuning.recipe_config import RECIPE_ONLY, train_settings
+    assert set(train_settings()) == {f.name for f in fields(TrainConfig)} - set(RECIPE_ONLY)
+    assert train_settings()["batch_size"].optional and train_settings()["crop_scale"].length == 2
+    with pytest.raises(ConfigError, match=r"--batch-size: expected an integer in \[2, 65536\], got 16.0"):
+        TrainConfig.from_dict({"data": "d", "out": "o", "batch_size": 16.0})
+    with pytest.raises(ConfigError, match=r"--freeze-bn: expected true or false, got 'yes'"):
+        TrainConfig.from_dict({"data": "d", "out": "o", "freeze_bn": "yes"})
