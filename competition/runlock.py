@@ -80,7 +80,8 @@ class RunLock:
             warnings.warn(f"{self.folder}: taking over the lock left by {holder_line(left)}, which has ended",
                           RuntimeWarning, stacklevel=2)
         info = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:200]}
+                "command": " ".join([Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]]).split()}
+        info["command"] = " ".join(info["command"])[:200]   # one line, whatever the arguments hold
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         os.fsync(fd)

@@ -33,7 +33,7 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_dead_holders_lock_is_ta
     proc = _holder(folder)
     try:
         with pytest.raises(RunLocked, match=rf"run: another run is using this folder: pid {proc.pid} on "
-                                            rf"{socket.gethostname()} since 20\d\d-.*\(-c .*run\)"):
+                                            rf"{socket.gethostname()} since 20\d\d-.*\(python\S* -c import sys, time from"):
             RunLock(folder).acquire()
     finally:
         proc.send_signal(signal.SIGKILL)
