@@ -10,6 +10,11 @@ Every step records the configuration it ran (OUT/steps/*.json, tuning/steps.py) 
 skipped when that is what is asked again; a changed configuration re-runs the step and
 those after it, and says which fields changed. An interrupted run picks up where it
 stopped (a member's training resumes mid-run). OUT keeps the resolved recipe.toml.
+
+Before any work every problem of the recipe is reported at once (tuning/recipe_preflight.py);
+the run holds OUT/run.lock (a second run on OUT is refused); member processes die with the
+recipe however it dies; step records name files relative to OUT, so a copied or moved run
+folder re-runs nothing.
 """
 from __future__ import annotations
 
