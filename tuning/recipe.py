@@ -215,7 +215,7 @@ def build_step(cfg: RecipeConfig, data: Path, members: dict[str, dict], name: st
         _rerun(name, changes)
         shutil.rmtree(tuning_dir(bundle_dir), ignore_errors=True)
         build = BuildConfig(device=cfg.devices[0], seed=cfg.seed, progress=False, workers=cfg.workers,
-                            split=split_file, refit_of=refit_of, flip=flips)
+                            split=split_file, refit_of=refit_of, flip=flips if any(flips) else False)
         _, summary = build_from_paths([Path(cfg.out) / members[n]["run_dir"] for n in names], data, bundle_dir,
                                       build)
         step.finish(config, id=config_hash(config))
