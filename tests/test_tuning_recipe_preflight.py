@@ -114,3 +114,12 @@ def _arch_tail(name: str) -> str:
     with pytest.raises(ArchError) as info:
         resolve_arch(name)
     return str(info.value).split(": ", 1)[1]
+
+
+def test_a_gpu_that_is_not_there_is_a_problem_one_without_any_gpu_runs_on_the_cpu(monkeypatch):
+    from backbones.preflight import device_problem
+    monkeypatch.setattr("rerank.device._visible_gpus", lambda: 2)   # a machine with two GPUs, mocked
+    assert device_problem("cuda:1") is None and device_problem("auto") is None
+    assert "only 2 GPU(s) visible" in device_problem("cuda:2")
+    monkeypatch.setattr("rerank.device._visible_gpus", lambda: 0)
+    assert device_problem("cuda:3") is None   # the documented fallback: the CPU, with a warning at training
