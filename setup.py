@@ -21,6 +21,11 @@ TORCH = "torch>=2.3"                  # torch.amp.GradScaler(device, ...)
 TORCH_GPU = "torch>=2.7"              # torch 2.7's wheels pin CUDA runtime 12.6.77 (2.4's: 12.4.99 or 12.1.105)
 FAISS_CHOICE_ENV = "RETRIEVAL_KIT_FAISS"
 TENSORBOARD = "tensorboard>=1.15"     # what torch.utils.tensorboard.SummaryWriter asks for
+PYTHON_REQUIRES = ">=3.11"            # tomllib (recipes); the NSML image above carries Python 3.11
+EXTRAS = {
+    "test": ["pytest", "scikit-learn", "packaging"],   # sklearn: the reference the metrics are tested against
+    "tensorboard": [TENSORBOARD],         # --tensorboard DIR of training and tuning
+}
 
 
 def faiss_choice(environ=os.environ, driver: str = "/proc/driver/nvidia/version") -> str:
@@ -42,10 +47,12 @@ def requirements(choice: str) -> list[str]:
         FAISS_GPU if gpu else FAISS_CPU,
         "torchvision",
         "timm>=1.0",
+        "huggingface_hub>=1.0",   # --pretrained timm / hf-hub:; huggingface_hub.errors.RemoteEntryNotFoundError
         "numpy>=1.24",
         "scipy",
-        "scikit-learn",
         "optuna>=4.0",         # optuna.storages.journal.JournalFileBackend
+        "sqlalchemy>=1.4",     # (optuna's) the recipe checks an RDB storage's driver before any work
+        "tomli_w",             # writes recipes (reading them is the standard library's tomllib)
         "pillow",
         "safetensors",
         "tqdm",
@@ -57,10 +64,10 @@ setup(
     name="retrieval-kit",
     version="0.1.0",
     description="Ensemble and re-ranking competition kit for image retrieval (NSML AI Vision style)",
-    python_requires=">=3.10",
+    python_requires=PYTHON_REQUIRES,
     packages=find_packages(include=["competition", "competition.*", "rerank", "rerank.*", "backbones",
                                     "backbones.*", "ensemble", "ensemble.*", "tuning", "tuning.*"]),
     py_modules=["main"],
     install_requires=requirements(faiss_choice()),
-    extras_require={"test": ["pytest", TENSORBOARD], "tensorboard": [TENSORBOARD]},   # --tensorboard (training and tuning)
+    extras_require=EXTRAS,
 )

@@ -7,11 +7,13 @@ allowed range live beside it (``option(...)``), so the command line, ``TrainConf
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from backbones.heads import HEADS
-from competition.cli import ArgumentParser, UserError, number, range_text
+from competition.cli import ArgumentParser, UserError, number
+from competition.settings import Setting, SettingError, declared
 
 GROUPS = {
     "data": "data and augmentation",
@@ -135,22 +137,13 @@ class TrainConfig:
     def check(self) -> "TrainConfig":
         """Raise ``ConfigError`` naming every option outside its range or choices; return self."""
         problems = []
-        for f in fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            flag = "--" + f.name.replace("_", "-")
-            if value is None:
-                continue
-            if meta.get("choices") and value not in meta["choices"]:
-                problems.append(f"{flag} must be one of {', '.join(meta['choices'])}, got {value!r}")
-                continue
-            low, high = meta.get("low"), meta.get("high")
-            if low is None and high is None:
-                continue
-            for v in (value if isinstance(value, tuple) else (value,)):
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    problems.append(f"{flag} must be a number, got {v!r}")
-                elif (low is not None and v < low) or (high is not None and v > high):
-                    problems.append(f"{flag} must be {range_text(low, high)}, got {v}")
+        for name, declared_as in option_settings().items():   # types, ranges and choices
+            try:
+                declared_as.check(getattr(self, name))
+            except SettingError as exc:
+                problems.append(f"--{name.replace('_', '-')}: {exc}")
+        if problems:
+            raise ConfigError("; ".join(problems))
         if self.epochs == 0 and not self.pretrained:
             problems.append("--epochs 0 saves the initial weights: it needs --pretrained (random weights are no "
                             "member)")
@@ -194,6 +187,12 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{where}: unknown training option(s) {unknown}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}).check()
+
+
+@functools.cache
+def option_settings() -> dict[str, Setting]:
+    """``{field: Setting}`` of every training option (type, range, choices), read from TrainConfig's fields."""
+    return declared(TrainConfig)
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:

@@ -48,6 +48,7 @@ from backbones.distributed import EpochMeter, barrier, dist_setup, wrap_ddp
 from backbones.extract import autocast_dtype, extract_descriptors, runtime_line, search_scores
 from backbones.heads import MetricLoss, make_head
 from backbones.model import RetrievalNet, build_model
+from backbones.preflight import preflight
 from backbones.optim import param_groups, schedules
 from backbones.run_state import TrainRun, resume, save_last
 from backbones.sampler import PKSampler
@@ -56,6 +57,7 @@ from backbones.warm_start import gem_features, init_neck_from_features
 from competition.cli import run_command, show_progress
 from competition.data import TrainIndex, UnreadableImage, scan_train
 from competition.metrics import file_keys
+from competition.runlock import RunLock
 from competition.split import HeldoutSplit, make_split, split_labels
 
 LOG_EVERY = 20  # optimizer steps between progress-bar updates (each reads the loss: one device sync)
@@ -120,11 +122,17 @@ def validate(model: RetrievalNet, run_cfg: dict, split: HeldoutSplit, id_to_path
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train; returns {"epoch", "best" (metrics), "bad_images", "images_per_s", "run_dir"}."""
+    """Train; returns {"epoch", "best" (metrics), "bad_images", "images_per_s", "run_dir"}.
+
+    Every problem that would stop the run (architecture, weights, device, data) is reported at once
+    before any work (``backbones.preflight``); rank 0 holds ``--out``'s lock (competition.runlock)
+    for the whole run, so a second run into the same folder is refused."""
     cfg.check()
+    preflight(cfg)
     rank, world, device = dist_setup(cfg.device)
     try:
-        return _train(cfg, rank, world, device)
+        with RunLock(cfg.out) if rank == 0 else contextlib.nullcontext():
+            return _train(cfg, rank, world, device)
     finally:
         if world > 1:
             dist.destroy_process_group()

@@ -5,7 +5,8 @@ with one line ``error: <what, and which file or option>`` on stderr and exit sta
 Tracebacks are for bugs, or on request: ``--debug`` on any command, or ``KIT_DEBUG=1``.
 
 * ``UserError``: the base of the kit's user-facing errors (``DataError``, ``BundleError``,
-  ...); ``OSError`` (missing file, permission) counts as one too.
+  ...); ``OSError`` (missing file, permission) counts as one too. ``UserErrors``: several
+  found at once, printed one ``error:`` line each.
 * ``run_command(main, argv)``: runs a command's ``main(argv) -> int`` under that rule.
 * ``ArgumentParser``: argparse whose errors are that one line, and whose help shows defaults.
 * ``number(kind, low, high)``: an argparse type that checks a range at parse time.
@@ -26,6 +27,15 @@ DEBUG_ENV = "KIT_DEBUG"
 
 class UserError(Exception):
     """Something the user can fix: the message names the file or option and what is wrong."""
+
+
+class UserErrors(UserError):
+    """Several user errors found at once (``problems``, one line each); ``run_command`` prints each
+    as its own ``error:`` line."""
+
+    def __init__(self, problems: Sequence[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
 
 
 def one_line(exc: BaseException) -> str:
@@ -67,7 +77,8 @@ def run_command(main: Callable[[list[str] | None], int | None], argv: Sequence[s
     except (UserError, OSError) as exc:
         if debug:
             raise
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        lines = [one_line(UserError(p)) for p in exc.problems] if isinstance(exc, UserErrors) else [one_line(exc)]
+        print("".join(f"error: {line}\n" for line in lines), end="", file=sys.stderr)
         return 2
 
 

@@ -102,3 +102,82 @@ def test_the_installed_kit_has_one_faiss():
         pytest.skip(f"the installed retrieval-kit is not this checkout ({url or 'no direct_url.json'})")
     names = {Requirement(r).name for r in dist.requires or []}
     assert len(names & FAISS_NAMES) == 1, dist.requires
+
+
+KIT = ("competition", "rerank", "backbones", "ensemble", "tuning", "main", "bench")
+
+
+def _floor(kw: dict) -> tuple[int, int]:
+    spec = re.fullmatch(r">=(\d+)\.(\d+)", kw["python_requires"])
+    assert spec, kw["python_requires"]
+    return int(spec[1]), int(spec[2])
+
+
+def _imports(paths) -> set[str]:
+    """Top-level names of every absolute import in ``paths`` (imports inside functions included; an optional
+    one, in a ``try`` that catches ImportError, and the modules beside each file left out)."""
+    import ast
+    names = set()
+    for path in paths:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        optional = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try)
+                    and any("ImportError" in ast.unparse(h.type or ast.Name("")) for h in t.handlers)
+                    for n in ast.walk(ast.Module(body=t.body, type_ignores=[]))}
+        beside = {p.stem for p in path.parent.glob("*.py")}
+        for node in ast.walk(tree):
+            if id(node) in optional:
+                continue
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names} - beside
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names |= {node.module.split(".")[0]} - beside
+    return names
+
+
+def test_the_python_floor_is_one_claim_the_code_keeps(monkeypatch):
+    """setup.py's python_requires, ruff's target and the syntax and standard modules the code uses agree."""
+    import ast
+    import sys
+    kw, _ = _setup(monkeypatch)
+    floor = _floor(kw)
+    assert sys.version_info[:2] >= floor
+    ruff = (REPO / "pyproject.toml").read_text()
+    assert f'target-version = "py{floor[0]}{floor[1]}"' in ruff
+    sources = [p for pkg in KIT for p in sorted(REPO.glob(f"{pkg}/**/*.py"))] + [REPO / "main.py"]
+    for path in sources + sorted((REPO / "tests").glob("*.py")):
+        ast.parse(path.read_text(), filename=str(path), feature_version=floor)
+    since = {"tomllib": (3, 11)}   # standard modules newer than some Pythons
+    assert all(version <= floor for name, version in since.items() if name in _imports(sources))
+
+
+def test_every_third_party_import_is_declared(monkeypatch):
+    """What the kit imports is in install_requires (either faiss); what only the tests import, in the test
+    extra; requirements.txt (what CI installs) carries every extra."""
+    import sys
+    kw, _ = _setup(monkeypatch, RETRIEVAL_KIT_FAISS="cpu")
+    dists = md.packages_distributions()
+    declared = {Requirement(r).name.lower().replace("_", "-") for r in kw["install_requires"]} | {"faiss-gpu"}
+
+    def needed(paths) -> set[str]:
+        local = {p.stem for p in REPO.glob("**/*.py")}   # the kit's own modules (bench's, the tests' helpers)
+        names = _imports(paths) - set(sys.stdlib_module_names) - set(KIT) - local - {"nsml", "setuptools"}
+        return {d.lower().replace("_", "-") for n in names for d in dists.get(n, [n])}
+
+    kit = needed([p for pkg in KIT for p in REPO.glob(f"{pkg}/**/*.py")] + [REPO / "main.py"])
+    assert kit - declared - {"faiss"} == set(), "imported by the kit, not in install_requires"
+    assert "faiss-cpu" in declared or "faiss" in kit
+    test_extra = {Requirement(r).name.lower() for r in kw["extras_require"]["test"]}
+    tests = needed(REPO.glob("tests/*.py"))
+    assert tests - declared - test_extra - {"faiss"} == set(), "imported by the tests, not in the test extra"
+    txt = {Requirement(line).name.lower() for line in (REPO / "requirements.txt").read_text().splitlines()
+           if line.strip() and not line.startswith("#")}
+    assert {Requirement(r).name.lower() for extra in kw["extras_require"].values() for r in extra} <= txt
+
+
+def test_pip_check_is_clean():
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+    if "No module named pip" in res.stderr:
+        pytest.skip("no pip in this environment")
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,37 @@ def test_a_recipe_file_runs_end_to_end_with_a_refit(recipe_run):
     member_split = json.loads((out / "refit-members" / "a" / "split.json").read_text())
     assert member_split["heldout_classes"] == [] and set(member_split["train_classes"]) >= set(
         tuned_split["heldout_classes"])
+
+
+def _mtimes(folder: Path, pattern: str) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in folder.glob(pattern)}
+
+
+def test_a_copied_run_folder_re_trains_and_re_tunes_nothing(recipe_run, tmp_path, capsys):
+    """(Runs before the test below changes the run.)"""
+    root, out = recipe_run
+    moved = tmp_path / "elsewhere" / "out"
+    shutil.copytree(out, moved, symlinks=True)   # copy2: the files keep their times
+    before = {**_mtimes(moved, "steps/*.json"), **_weights_mtimes(moved), **_mtimes(moved, "*/manifest.json")}
+    capsys.readouterr()
+    assert main(["--config", str(root / "tiny.toml"), "--out", str(moved)]) == 0
+    said = capsys.readouterr().out
+    assert "[recipe] training" not in said and "changed" not in said and "tuned," not in said, said
+    after = {**_mtimes(moved, "steps/*.json"), **_weights_mtimes(moved), **_mtimes(moved, "*/manifest.json")}
+    assert after == before and len(before) > 8
+    assert not (moved / "run.lock").exists() and not (out / "run.lock").exists()
+
+
+def test_a_members_flip_reaches_its_bundle_spec(recipe_run, tmp_path):
+    """Needs ensemble.build's BuildConfig.flip as one bool per member (the inference branch)."""
+    from ensemble.bundle import Bundle
+    root, out = recipe_run
+    moved = tmp_path / "flip"
+    shutil.copytree(out, moved, symlinks=True)
+    assert main(["--config", str(root / "tiny.toml"), "--out", str(moved), "--set", "members.a.flip=true",
+                 "--trials", "0", "--no-refit"]) == 0
+    specs = Bundle.load(moved / "bundle").member_specs
+    assert [(s["name"], s["tta"]["flip"]) for s in specs] == [("a", True), ("b", False)]
 
 
 def test_a_re_run_skips_what_is_current_and_re_runs_what_changed(recipe_run, capsys):

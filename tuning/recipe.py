@@ -10,6 +10,11 @@ Every step records the configuration it ran (OUT/steps/*.json, tuning/steps.py) 
 skipped when that is what is asked again; a changed configuration re-runs the step and
 those after it, and says which fields changed. An interrupted run picks up where it
 stopped (a member's training resumes mid-run). OUT keeps the resolved recipe.toml.
+
+Before any work every problem of the recipe is reported at once (tuning/recipe_preflight.py);
+the run holds OUT/run.lock (a second run on OUT is refused); member processes die with the
+recipe however it dies; step records name files relative to OUT, so a copied or moved run
+folder re-runs nothing.
 """
 from __future__ import annotations
 
@@ -24,13 +29,22 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from competition.cli import ArgumentParser, number, run_command
-from competition.data import LABELS_FILE, DataError, scan_train
+from competition.data import LABELS_FILE, scan_train
 from competition.fileio import atomic_write_json, atomic_write_text, sha256_file
+from competition.lifeline import die_with_parent, parent_death_signal
+from competition.runlock import RunLock
 from competition.split import HeldoutSplit, make_split
 from tuning.heldout import heldout_set
 from tuning.recipe_config import RECIPE_FILE, RecipeConfig, apply_overrides, demo_recipe, load_recipe, to_toml
+from tuning.recipe_preflight import check_recipe
 from tuning.steps import StepRecord, config_hash
 from tuning.table import describe_test_set, format_table, plot_table, score_rows, stage_rows, table_for_file
+
+
+def in_run(out: str | Path, path: str | Path) -> str:
+    """``path`` relative to the run folder ``out`` when inside it (a run folder can move), else absolute."""
+    path, out = Path(path).resolve(), Path(out).resolve()
+    return path.relative_to(out).as_posix() if path.is_relative_to(out) else str(path)
 
 
 def say(msg: str) -> None:
@@ -64,7 +78,7 @@ def prepare_data(cfg: RecipeConfig) -> Path:
 def prepare_split(cfg: RecipeConfig, data: Path) -> HeldoutSplit:
     """Write (when its configuration changed) and return OUT/split.json, the split every member shares."""
     path = Path(cfg.out) / "split.json"
-    step, config = StepRecord.of(cfg.out, "split"), {"data": str(Path(data).resolve()), "heldout": cfg.heldout,
+    step, config = StepRecord.of(cfg.out, "split"), {"data": in_run(cfg.out, data), "heldout": cfg.heldout,
                                                        "seed": cfg.seed}
     if step.changes(config) or not path.is_file():
         _rerun("held-out split", step.changes(config))
@@ -90,9 +104,9 @@ def member_options(cfg: RecipeConfig, i: int, data: Path, out: Path, split: Held
 
 def _step_config(options: dict, split: HeldoutSplit | None) -> dict:
     """What a member's step depends on: its learning options (a runtime option such as the device,
-    workers or verbosity changing does not retrain it) and the split."""
+    workers or verbosity changing does not retrain it) and the split's hash (not where its file is)."""
     from backbones.config import RUNTIME_ONLY
-    return {"train": {k: v for k, v in options.items() if k not in RUNTIME_ONLY},
+    return {"train": {k: v for k, v in options.items() if k not in (*RUNTIME_ONLY, "split")},
             "split": None if split is None else split.hash}
 
 
@@ -114,6 +128,13 @@ def _train_in_subprocess(options: dict, log_path: str, threads: int) -> tuple[di
         return _train_in_process({**options, "progress": False}), time.time() - t0
 
 
+def member_pool(parallel: int) -> ProcessPoolExecutor:
+    """``parallel`` spawned worker processes that die with this one however it dies, SIGKILL included
+    (``competition.lifeline``; their DataLoader workers follow them)."""
+    return ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=die_with_parent, initargs=(os.getpid(),))
+
+
 def train_members(cfg: RecipeConfig, data: Path, split: HeldoutSplit | None, folder: str = "members",
                   label: str = "member") -> dict[str, dict]:
     """Train (or resume, or skip) every member into OUT/<folder>/<name>; ``cfg.parallel`` at once.
@@ -126,6 +147,7 @@ def train_members(cfg: RecipeConfig, data: Path, split: HeldoutSplit | None, fol
         run_dir = out / folder / spec.name
         options = member_options(cfg, i, data, run_dir, split)
         step, config = StepRecord.of(out, f"{folder}-{spec.name}"), _step_config(options, split)
+        step.forget("train", "split")   # older records named the split's file, now its hash alone
         changes = step.changes(config)
         if not changes:
             done[spec.name] = step.info()
@@ -140,7 +162,7 @@ def train_members(cfg: RecipeConfig, data: Path, split: HeldoutSplit | None, fol
         return done
 
     def record(name: str, options: dict, step: StepRecord, config: dict, result: dict, seconds: float) -> None:
-        info = {"run_dir": options["out"], "seconds": round(seconds, 1), "best": result.get("best"),
+        info = {"run_dir": in_run(out, options["out"]), "seconds": round(seconds, 1), "best": result.get("best"),
                 "epoch": result.get("epoch"), "options": options}
         step.finish(config, **info)
         done[name] = info
@@ -155,8 +177,7 @@ def train_members(cfg: RecipeConfig, data: Path, split: HeldoutSplit | None, fol
     threads = max(1, (os.cpu_count() or 1) // cfg.parallel)
     each = f"{threads} thread{'s' if threads > 1 else ''} each"
     say(f"training {len(todo)} {label}s, {cfg.parallel} at a time ({each}); logs in {out / folder}/<name>/train.log")
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=cfg.parallel, mp_context=ctx) as pool:
+    with member_pool(cfg.parallel) as pool:
         started = {}
         for name, options, step, config in todo:   # in recipe order: list the longest member first
             Path(options["out"]).mkdir(parents=True, exist_ok=True)
@@ -172,9 +193,9 @@ def train_members(cfg: RecipeConfig, data: Path, split: HeldoutSplit | None, fol
     return done
 
 
-def _fingerprints(members: dict[str, dict], names: list[str]) -> dict[str, str]:
+def _fingerprints(out: Path, members: dict[str, dict], names: list[str]) -> dict[str, str]:
     from backbones.checkpoint import WEIGHTS_FILE
-    return {n: sha256_file(Path(members[n]["run_dir"]) / WEIGHTS_FILE)[:16] for n in names}
+    return {n: sha256_file(out / members[n]["run_dir"] / WEIGHTS_FILE)[:16] for n in names}
 
 
 def build_step(cfg: RecipeConfig, data: Path, members: dict[str, dict], name: str = "bundle",
@@ -186,14 +207,17 @@ def build_step(cfg: RecipeConfig, data: Path, members: dict[str, dict], name: st
     bundle_dir = Path(cfg.out) / name
     names = [m.name for m in cfg.members]
     step = StepRecord.of(cfg.out, name)
-    config = {"members": _fingerprints(members, names), "refit_of": refit_of}
+    flips = [m.flip for m in cfg.members]
+    config = {"members": _fingerprints(Path(cfg.out), members, names), "refit_of": refit_of,
+              **({"flip": flips} if any(flips) else {})}
     changes = step.changes(config)
     if changes or not is_bundle(bundle_dir):
         _rerun(name, changes)
         shutil.rmtree(tuning_dir(bundle_dir), ignore_errors=True)
         build = BuildConfig(device=cfg.devices[0], seed=cfg.seed, progress=False, workers=cfg.workers,
-                            split=split_file, refit_of=refit_of)
-        _, summary = build_from_paths([members[n]["run_dir"] for n in names], data, bundle_dir, build)
+                            split=split_file, refit_of=refit_of, flip=flips if any(flips) else False)
+        _, summary = build_from_paths([Path(cfg.out) / members[n]["run_dir"] for n in names], data, bundle_dir,
+                                      build)
         step.finish(config, id=config_hash(config))
         say(summary.line())
     return bundle_dir
@@ -247,20 +271,22 @@ def submit_through_main(cfg: RecipeConfig, data: Path, bundle_dir: Path) -> dict
            "--cache-dir", str(run_dir / "cache"), "--k", str(cfg.k)]
     say("local submission: " + " ".join(cmd[1:]))
     # run from OUT: the installed main module, never a main.py that happens to sit in the caller's folder
-    subprocess.run(cmd, check=True, cwd=run_dir)
+    subprocess.run(cmd, check=True, cwd=run_dir, preexec_fn=parent_death_signal)
     scores = out / "scores.json"
     return json.loads(scores.read_text()) if scores.is_file() else None
 
 
 def run_recipe(cfg: RecipeConfig) -> list[dict]:
     """Run every step (skipping current ones); return the table rows and write OUT/results.*."""
+    check_recipe(cfg.check())   # every problem at once, before OUT is created
+    with RunLock(cfg.out):
+        return _run_recipe(cfg)
+
+
+def _run_recipe(cfg: RecipeConfig) -> list[dict]:
     from ensemble.bundle import Bundle
-    cfg.check()
     t0 = time.time()
-    if cfg.data:
-        scan_train(cfg.data)   # a wrong --data fails before OUT is created
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / RECIPE_FILE, to_toml(cfg))
     data = prepare_data(cfg)
     split = prepare_split(cfg, data)
@@ -348,8 +374,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_toml(cfg), end="")
         return 0
-    if cfg.data and not Path(cfg.data).is_dir():
-        raise DataError(f"{cfg.data}: dataset folder not found")
     run_recipe(cfg)
     return 0
 

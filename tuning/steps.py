@@ -74,6 +74,17 @@ class StepRecord:
         rec = self.read()
         return rec is not None and not differences(rec.get("config"), json.loads(json.dumps(config, default=str)))
 
+    def forget(self, *keys: str) -> None:
+        """Drop the recorded config's ``keys`` (a path into nested dicts), when present: a record made
+        before that key left the configuration stays current."""
+        rec = self.read()
+        node = (rec or {}).get("config")
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and keys[-1] in node:
+            del node[keys[-1]]
+            atomic_write_json(self.path, rec)
+
     def start(self, config: dict) -> None:
         atomic_write_json(self.path, {"config": config, "done": False})
 
