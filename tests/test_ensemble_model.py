@@ -90,7 +90,7 @@ def test_end_to_end_with_a_real_tiny_backbone(ens_env, capsys):
     ens = loaded.ensemble(device="cpu")
     queries = _paths(ens_env, ens_env.split.query_ids)
     ranking = ens.rank(queries, _paths(ens_env, ens_env.split.reference_ids), top_k=5)
-    assert np.asarray(ranking).shape == (len(queries), min(5, len(ens_env.split.reference_ids)))
+    assert ranking.indices.shape == (len(queries), min(5, len(ens_env.split.reference_ids)))
     # inference reproduces the member descriptors tuning saw (float16 storage aside)
     member_desc, ok = ens.member_descriptors(queries)
     assert ok.all() and np.allclose(member_desc[0], loaded.set_descriptors("query")[0], atol=2e-3)
