@@ -47,3 +47,11 @@ def test_whitening_round_trip_and_errors():
         w.apply(x, power=1.5)
     with pytest.raises(ValueError, match="d=6"):
         w.apply(np.ones((2, 4)))
+
+
+def test_a_whitening_stored_with_its_power_still_loads():
+    """Bundles written when the fit also kept a power (now only PostProcessing.whiten_power) still load."""
+    x = np.random.default_rng(3).normal(size=(40, 5))
+    w = fit_whitening(x, shrinkage=0.1)
+    old = Whitening.from_arrays({**w.to_arrays(), "power": np.array(0.25)})
+    assert "power" not in w.to_arrays() and np.array_equal(old.apply(x, power=0.5), w.apply(x, power=0.5))
