@@ -244,8 +244,8 @@ def submit_locally(state: SessionState, args: argparse.Namespace) -> dict | None
     out.parent.mkdir(parents=True, exist_ok=True)
     replace_dir(out, write, lambda folder: (folder / "submission.json").is_file())
     files = ", ".join(str(out / p.name) for p in reversed(written))
-    print(f"submission: {len(submission)} queries -> {files}" + ("" if len(written) > 1 else " (no CSV: see the warning)"),
-          flush=True)
+    no_csv = "" if len(written) > 1 else " (no CSV: see the warning)"
+    print(f"submission: {len(submission)} queries -> {files}{no_csv}", flush=True)
     if scores is not None:
         print("local leaderboard: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if not k.startswith("n_"))
               + f"  ({scores['n_query']} queries)", flush=True)
@@ -295,7 +295,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     local = p.add_argument_group("running without NSML")
     local.add_argument("--data", metavar="DIR", help="dataset root (NSML gives DATASET_PATH)")
     local.add_argument("--checkpoint", metavar="DIR", help="the ensemble checkpoint folder to load in test mode")
-    local.add_argument("--out", default="submission", metavar="DIR", help="the submission folder (replaced whole by each run)")
+    local.add_argument("--out", default="submission", metavar="DIR",
+                       help="the submission folder (replaced whole by each run)")
     local.add_argument("--cache-dir", metavar="DIR", help="reuse member descriptors cached in this folder")
     local.add_argument("--picture", type=number(int, 0), default=8, metavar="N",
                        help="queries drawn in retrieval.png (0: none)")

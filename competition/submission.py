@@ -353,9 +353,11 @@ def score_rankings(indices: np.ndarray, labels: dict[str, dict[str, str]], query
     ``reference_names`` (a ``Submission``'s ``indices``), row i for ``query_names[i]``."""
     coverage = label_coverage(labels, query_names, reference_names)
     _require_labels(coverage, query_names)
-    labelled = set(coverage.labelled_queries)
-    rows = np.fromiter((q in labelled for q in query_names), dtype=bool, count=len(query_names))
-    return _scores(np.asarray(indices)[rows], coverage, labels, reference_names, k)
+    indices = np.asarray(indices)
+    if coverage.unlabelled_queries:  # keep the labelled rows (a copy only then)
+        labelled = set(coverage.labelled_queries)
+        indices = indices[np.fromiter((q in labelled for q in query_names), dtype=bool, count=len(query_names))]
+    return _scores(indices, coverage, labels, reference_names, k)
 
 
 def _require_labels(coverage: LabelCoverage, query_names: Sequence[str]) -> None:

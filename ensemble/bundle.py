@@ -24,12 +24,10 @@ run. Any breach is a ``BundleError`` naming the bundle and each offending file. 
 reads nothing outside BUNDLE; saving writes only BUNDLE and its siblings BUNDLE.tmp-X and
 BUNDLE.old-X (the file-system side lives in ``ensemble.sealed``).
 
-Loading reads the bundle in place, never copying it. Each file is hashed once per process: a
-second load of an unchanged bundle (same size, mtime_ns, ctime_ns and inode of every file) takes
-the digests from ``ensemble.sealed.file_digest``'s memo, and a changed file is hashed again. The
-cached tuning descriptors (``descriptors/*.safetensors``: only tuning and the recipe's table use
-them) are parsed at load (header only) and read on first use of ``Bundle.descriptors``, checked
-against the manifest again then.
+Loading reads the bundle in place, never copying it, and hashes each file once per process
+(``ensemble.sealed.file_digest``: an unchanged file is not hashed again, a changed one is). The
+cached tuning descriptors (only tuning and the recipe's table use them) are parsed at load
+(header only) and read on first use of ``Bundle.descriptors``, checked against the manifest then.
 
 Saving, under an advisory lock (flock) on the parent folder that ``load`` takes too:
   1. write BUNDLE.tmp-X, every file fsynced, the manifest last (so a tmp that verifies
@@ -45,6 +43,7 @@ save puts one back.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -97,11 +96,9 @@ def package_versions() -> dict[str, str | None]:
                        "faiss": ["faiss-cpu", "faiss-gpu", "faiss"]}.items():
         out[key] = None
         for d in dists:
-            try:
+            with contextlib.suppress(metadata.PackageNotFoundError):
                 out[key] = metadata.version(d)
                 break
-            except metadata.PackageNotFoundError:
-                continue
     return out
 
 
@@ -211,19 +208,15 @@ class Bundle:
     def _read_descriptors(self, spec: dict) -> dict[str, np.ndarray]:
         """One member's cached descriptors from the loaded bundle, checked against its manifest again."""
         rel = f"descriptors/{spec['folder']}.safetensors"
+        file = self.path / rel
         try:
-            if not stat.S_ISREG(os.lstat(self.path / rel).st_mode):
-                raise BundleError(f"{self.path}: {rel} is no longer a regular file")
-            if file_digest(self.path / rel) != self._digests.get(rel):
-                raise BundleError(f"{self.path}: corrupt file {rel} (changed since the bundle was loaded)")
+            same = stat.S_ISREG(os.lstat(file).st_mode) and file_digest(file) == self._digests[rel]
         except OSError as exc:
-            raise BundleError(f"{self.path}: cannot read {rel} ({exc.strerror}; the bundle folder was "
-                              "moved or deleted after loading?)") from exc
-        arrays = _read_arrays(self.path, rel)
-        try:
-            d = {s: arrays[s] for s in SETS}
-        except KeyError as exc:
-            raise BundleError(f"{self.path}: malformed bundle ({rel} holds no {exc} descriptors)") from None
+            raise BundleError(f"{self.path}: cannot read {rel} ({exc.strerror}; deleted after loading?)") from exc
+        arrays = _read_arrays(self.path, rel) if same else {}
+        if not same or not set(SETS) <= set(arrays):
+            raise BundleError(f"{self.path}: corrupt file {rel} (changed since the bundle was loaded)")
+        d = {s: arrays[s] for s in SETS}
         self._check_descriptors(f"{self.path}: ", spec, d)
         return d
 

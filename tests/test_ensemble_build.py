@@ -117,7 +117,8 @@ def test_a_data_folder_without_the_splits_images_fails_before_extraction(ens_env
     from competition.data import DataError
     (ens_env.data / "train" / "train_data" / ens_env.split.query_ids[0]).unlink()
     with pytest.raises(DataError, match=r"1 of the split's \d+ held-out images are missing"):
-        build_bundle([_run(ens_env, "a")], ens_env.data, ens_env.split, ens_env.root / "B", BuildOptions(progress=False))
+        build_bundle([_run(ens_env, "a")], ens_env.data, ens_env.split, ens_env.root / "B",
+                     BuildOptions(progress=False))
     assert ens_env.extractor.calls == 0
 
 

@@ -103,11 +103,13 @@ def test_a_full_disk_on_any_output_is_one_line_and_leaves_the_previous_result(wo
         capsys.readouterr()
         assert _submit(world, k=3) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: cannot flush {world.out / victim}: No space left on device ("), err
+    assert len(err) == 1, err
+    assert err[0].startswith(f"error: cannot flush {world.out / victim}: No space left on device (")
     assert _files(world.out) == before and not _staged(world)   # the previous run's files, all of them
     assert _submit(world, k=3) == 0
     after = _files(world.out)
-    assert set(after) == set(main.OUTPUT_FILES) and all(after[n] != before[n] for n in ("submission.json", "scores.json"))
+    assert set(after) == set(main.OUTPUT_FILES)
+    assert all(after[n] != before[n] for n in ("submission.json", "scores.json"))
     assert len(next(iter(json.loads(after["submission.json"]).values()))) == 3 and not _staged(world)
 
 
