@@ -61,6 +61,18 @@ def _unpack(entry) -> tuple[str, list[str]]:
     return query, ranked
 
 
+def _repeats(names: Sequence) -> list:
+    """The entries of ``names`` that repeat an earlier one, in order ([] when all are distinct)."""
+    if len(set(names)) == len(names):
+        return []
+    seen, repeats = set(), []
+    for n in names:
+        if n in seen:
+            repeats.append(n)
+        seen.add(n)
+    return repeats
+
+
 def validate_submission(
     submission: Iterable,
     query_names: Sequence[str],
@@ -89,12 +101,8 @@ def validate_submission(
         unknown = [r for r in ranked if r not in refs]
         if unknown:
             problems.append(f"query {query!r}: {len(unknown)} unknown reference ids, e.g. {unknown[:3]}")
-        if len(set(ranked)) != len(ranked):
-            seen, dups = set(), []
-            for r in ranked:
-                if r in seen:
-                    dups.append(r)
-                seen.add(r)
+        dups = _repeats(ranked)
+        if dups:
             problems.append(f"query {query!r}: duplicate reference ids {dups[:3]}")
         if len(ranked) != expected:
             problems.append(f"query {query!r}: {len(ranked)} references listed, {expected} required")
@@ -166,12 +174,8 @@ def build_submission(
     indices = np.asarray(indices, dtype=np.int64)
     if indices.ndim != 2 or indices.shape[0] != len(query_names):
         raise ValueError(f"rankings of shape {indices.shape} for {len(query_names)} queries")
-    if len(set(query_names)) != len(query_names):
-        seen, twice = set(), []
-        for q in query_names:
-            if q in seen:
-                twice.append(q)
-            seen.add(q)
+    twice = _repeats(query_names)
+    if twice:
         raise SubmissionError(f"query names listed twice: {twice[:3]} (a submission holds each query once)")
     n_refs = len(reference_names)
     want = n_refs if length is None else min(length, n_refs)
