@@ -38,7 +38,7 @@ except ImportError:  # anywhere else: the local stand-in with the same functions
 
 from competition.cli import ArgumentParser, UserError, number, run_command
 from competition.data import QUERY_DIR, REFERENCE_DIR, image_name, list_images, read_labels
-from competition.fileio import atomic_write_json, copy_file
+from competition.fileio import atomic_write_json, copy_file, make_dirs
 from competition.metrics import file_keys
 from competition.submission import (Submission, build_submission, score_rankings, validate_submission,
                                     write_submission)
@@ -84,7 +84,7 @@ def copy_run(source: Path, target: Path) -> Path:
     files = dict(run_files(source))
     if split_path(source).is_file():
         files[split_path(source).name] = split_path(source)
-    target.mkdir(parents=True)
+    make_dirs(target)
     for name, src in files.items():
         copy_file(src, target / name)
     return target
@@ -241,7 +241,7 @@ def submit_locally(state: SessionState, args: argparse.Namespace) -> dict | None
                                        folder / "retrieval.png", args.picture, k=args.k)
         written.extend(p for p in write_submission(submission, folder) if p is not None)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     replace_dir(out, write, lambda folder: (folder / "submission.json").is_file())
     files = ", ".join(str(out / p.name) for p in reversed(written))
     no_csv = "" if len(written) > 1 else " (no CSV: see the warning)"

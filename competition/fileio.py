@@ -104,8 +104,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     A failed write raises ``WriteError`` (see the module docstring) and leaves no temp file.
     """
     path = Path(path)
-    with write_errors(path.parent, "create the folder"):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     with write_errors(path, "create a temporary file beside"):
         tmp_path, mode = _new_temp_file(path)
     try:
@@ -158,6 +157,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def make_dirs(folder: str | os.PathLike) -> Path:
+    """``mkdir -p folder``; a ``WriteError`` naming it when that fails. Returns it as a Path."""
+    folder = Path(folder)
+    with write_errors(folder, "create the folder"):
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:

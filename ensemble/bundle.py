@@ -59,7 +59,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save
 
 from competition.cli import UserError
-from competition.fileio import atomic_write_bytes, atomic_write_json, copy_file, sha256_file
+from competition.fileio import atomic_write_bytes, atomic_write_json, copy_file, make_dirs, sha256_file
 from competition.split import HeldoutSplit
 from ensemble.combine import l2_normalize
 from ensemble.members import Member, member_from_spec
@@ -235,7 +235,7 @@ class Bundle:
         for spec, sources, descs in zip(self.member_specs, self.member_sources, self.descriptors):
             folder = root / "members" / spec["folder"]
             for fname, src in sources.items():
-                (folder / fname).parent.mkdir(parents=True, exist_ok=True)
+                make_dirs((folder / fname).parent)
                 copy_file(src, folder / fname)  # flushed, as atomic_path flushes the files below
             _save_arrays(root / "descriptors" / f"{spec['folder']}.safetensors", descs)
         atomic_write_json(root / "descriptors" / "ids.json", self.ids)
@@ -262,7 +262,7 @@ class Bundle:
         saving a loaded bundle elsewhere writes a copy and leaves ``self.path`` as it was.
         """
         path = Path(os.path.abspath(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         self._check(path)
         replace_dir(path, self._write_into, _is_complete)
         if self.path is None or self.path == path:  # else a copy (NSML save): stay attached to self.path
