@@ -243,7 +243,7 @@ def submit_locally(state: SessionState, args: argparse.Namespace) -> dict | None
 
     make_dirs(out.parent)
     replace_dir(out, write, lambda folder: (folder / "submission.json").is_file())
-    files = ", ".join(str(out / p.name) for p in reversed(written))
+    files = ", ".join(str(out / p.name) for p in written)
     no_csv = "" if len(written) > 1 else " (no CSV: see the warning)"
     print(f"submission: {len(submission)} queries -> {files}{no_csv}", flush=True)
     if scores is not None:
