@@ -27,7 +27,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -247,14 +247,24 @@ def _write_csv(path: Path, submission: dict[str, list[str]], references_quoted: 
         fh.write("".join(lines))
 
 
-def _write_json(path: Path, submission: dict[str, list[str]]) -> None:
-    """Stream ``json.dumps(submission) + "\\n"`` to ``path``, a block of queries at a time."""
+def _json_lists(submission: Submission) -> Iterator[str]:
+    """Each list as ``json.dumps`` writes it; from a ``Submission``'s indices, each reference name is
+    escaped once (not once per list it is in)."""
+    if submission.indices is None:
+        yield from (json.dumps(ranked) for _, (_, ranked) in submission)
+        return
+    escaped = np.empty(len(submission.reference_names), dtype=object)
+    escaped[:] = [json.dumps(name) for name in submission.reference_names]
+    for start in range(0, len(submission.indices), _BLOCK):
+        yield from ("[" + ", ".join(row) + "]" for row in escaped[submission.indices[start:start + _BLOCK]])
+
+
+def _write_json(path: Path, queries: Sequence[str], lists: Iterator[str]) -> None:
+    """Stream ``json.dumps({query: list}) + "\\n"`` to ``path`` (``lists``: each already as JSON text)."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.write("{")
-        items = list(submission.items())
-        for start in range(0, len(items), _BLOCK):
-            fh.write((", " if start else "") + ", ".join(f"{json.dumps(q)}: {json.dumps(refs)}"
-                                                         for q, refs in items[start:start + _BLOCK]))
+        for i, (query, ranked) in enumerate(zip(queries, lists)):
+            fh.write(f"{', ' if i else ''}{json.dumps(query)}: {ranked}")
         fh.write("}\n")
 
 
@@ -299,7 +309,7 @@ def write_submission(submission: Submission, out_dir: str | os.PathLike) -> tupl
                       stacklevel=2)
     else:
         _write_csv(csv_path, as_dict, any(_CSV_QUOTED.search(r) for r in references))
-    _write_json(json_path, as_dict)
+    _write_json(json_path, list(as_dict), _json_lists(submission if indices is not None else Submission(submission)))
     return json_path, None if unsafe else csv_path
 
 
