@@ -59,7 +59,7 @@ class SessionState:
         self.workers = workers      # image-decoding workers of member extraction (None: auto)
         self.bundle = None
         self.ensemble = None        # the bundle's Ensemble, made (and its members preloaded) once
-        self.reference_paths: list[Path] | None = None  # listed once by a local submission
+        self.reference_paths: list[Path] | None = None  # the reference folder, listed once
         self.member_dirs: list[Path] = []
         self._workdir: Path | None = None
 
@@ -129,9 +129,9 @@ def run_inference(state: SessionState, query_paths: list[str]) -> Submission:
     if state.bundle is None:
         raise RuntimeError("infer called before load: no ensemble checkpoint")
     ensemble = state.inference_ensemble()
+    if state.reference_paths is None:  # on NSML infer is all there is: listed at its first call
+        state.reference_paths = list_images(Path(state.data_root or DATASET_PATH) / REFERENCE_DIR)
     reference_paths = state.reference_paths
-    if reference_paths is None:  # on NSML: infer is all there is
-        reference_paths = list_images(Path(state.data_root or DATASET_PATH) / REFERENCE_DIR)
     top_k = len(reference_paths) if state.top_k is None else min(state.top_k, len(reference_paths))
     ranking = ensemble.rank(query_paths, reference_paths, top_k=top_k)
     return build_submission([image_name(p) for p in query_paths], [image_name(p) for p in reference_paths],
