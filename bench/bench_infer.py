@@ -161,12 +161,7 @@ def main() -> None:
         with stages.stage("submission: lists"):
             submission = submission_mod.build_submission(names[:nq], names[nq:], ranking.indices, length=1000)
         with stages.stage("submission: scores"):
-            if hasattr(submission_mod, "score_rankings"):
-                scores = submission_mod.score_rankings(submission.indices, labels, names[:nq], names[nq:])
-            else:  # the code before indices were kept: names back to indices
-                scores = submission_mod.score_submission(
-                    submission_mod.validate_submission(submission, names[:nq], names[nq:], 1000), labels,
-                    names[:nq], names[nq:])
+            scores = submission_mod.score_rankings(submission.indices, labels, names[:nq], names[nq:])
         with stages.stage("submission: files"):
             submission_mod.write_submission(submission, Path(tmp) / "out")
         wall = time.perf_counter() - t_all
