@@ -92,7 +92,8 @@ class Stages:
         setattr(module, attr, timed)
 
 
-def post_from_args(args: argparse.Namespace, n_members: int) -> PostProcessing:
+def post_from_args(args: argparse.Namespace) -> PostProcessing:
+    """The post-processing the options ask for (see the module docstring)."""
     if args.post:
         return PostProcessing.from_dict(json.loads(Path(args.post).read_text()))
     if args.tuned:
@@ -141,7 +142,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         members, train, cluster = make_members(Path(tmp), args.members, args.d, names, N_TRAIN,
                                                np.random.default_rng(0))
-        post = post_from_args(args, args.members)
+        post = post_from_args(args)
         t0 = time.perf_counter()
         whitening = fit_whitening_for(train, post)
         fit_s = time.perf_counter() - t0
