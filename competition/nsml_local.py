@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from competition.fileio import make_dirs, write_errors
+
 IS_ON_NSML = False
 DATASET_PATH: str | None = None
 CHECKPOINT_ROOT = Path(os.environ.get("KIT_CHECKPOINTS", "checkpoints"))
@@ -35,8 +37,7 @@ def save(checkpoint: str | int = "final", session: str | None = None) -> Path:
     """Call the bound save() on this session's checkpoint folder and return it."""
     if "save" not in _bound:
         raise RuntimeError("nsml.save called before nsml.bind(save=...)")
-    target = checkpoint_dir(checkpoint, session)
-    target.mkdir(parents=True, exist_ok=True)
+    target = make_dirs(checkpoint_dir(checkpoint, session))
     _bound["save"](str(target))
     return target
 
@@ -74,7 +75,6 @@ def report(summary: bool = False, scope=None, step: int | None = None, **metrics
     """Print metrics and append them to the session's report log."""
     record = {"time": round(time.time(), 3), "step": step, "summary": summary, **metrics}
     print("[report]", " ".join(f"{k}={v}" for k, v in record.items() if k != "time" and v is not None), flush=True)
-    log = CHECKPOINT_ROOT / SESSION.replace("/", "_") / "report.jsonl"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as fh:
+    log = make_dirs(CHECKPOINT_ROOT / SESSION.replace("/", "_")) / "report.jsonl"
+    with write_errors(log, "append to"), open(log, "a") as fh:
         fh.write(json.dumps(record, default=str) + "\n")

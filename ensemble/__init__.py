@@ -13,6 +13,13 @@ members' unit rows weighted by sqrt(w_m / sum w), concatenated, optionally PCA-w
   held-out split and cached descriptors), verified by sha256 on load.
 * ``build_bundle`` / ``python -m ensemble.build``: members -> checkpoint, refusing
   members trained on another split or on held-out classes.
+
+Descriptors: unit float32 rows in, unit float32 rows out. Rows become unit where they are
+read (a descriptor file, float16 rows of the cache or of a bundle: ``l2_normalize``, once) and
+where a step changes their norm (the whitening); the weighted concatenation of unit rows is unit
+by construction, and no step re-normalises, re-checks or copies what it was handed. Inputs are
+validated where they enter the package (``Ensemble``, ``Bundle``, the public functions), not at
+every inner call.
 """
 
 from competition.lazy import lazy_exports

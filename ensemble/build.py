@@ -4,12 +4,15 @@
         --out BUNDLE [--split SPLIT.json] [--max-train-images N] [--device auto] [--batch-size 64] [--workers auto]
         [--flip]
 
-Refuses members trained on different held-out splits, or on held-out classes
-(leakage), naming the member and the classes. Extracts (through the descriptor
-cache) each member's descriptors of the train classes (for whitening; optionally a
-seeded subsample) and of the held-out queries/references (for tuning), and writes
-the bundle with default post-processing (given or equal weights, no whitening, no
-re-ranking).
+Checks first what can be checked before any extraction: the device, every member opens, a
+held-out split with held-out classes is found, the data folder holds the split's images; refuses
+members trained on different held-out splits, or on held-out classes (leakage), naming the member
+and the classes. Then extracts (through the descriptor cache) each member's descriptors of the
+train classes (for whitening; optionally a seeded subsample) and of the held-out
+queries/references (for tuning), and writes the bundle with default post-processing (given or
+equal weights, no whitening, no re-ranking). ``--flip`` (``BuildConfig.flip``: one bool for every
+member, or a list with one per member) averages a run member's descriptors with those of the
+mirror images.
 """
 from __future__ import annotations
 
@@ -36,9 +39,30 @@ class MemberCheckError(UserError, ValueError):
     """Members that must not be ensembled on this split (different split, or leakage)."""
 
 
+def check_device(device: str, option: str = "--device") -> str:
+    """Return ``device`` (auto, cpu, cuda or cuda:N) when this machine can run it, else a ``UserError``
+    naming ``option`` (a CUDA device on a machine without a GPU falls back to the CPU with a warning)."""
+    from rerank import resolve_device
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the no-GPU fallback warns where the device is used
+            resolve_device(device)
+    except ValueError as exc:
+        raise UserError(f"{option}: {exc}") from None
+    return device
+
+
+def device_arg(text: str) -> str:
+    """argparse ``type`` of ``--device``: ``check_device`` at parse time."""
+    try:
+        return check_device(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--device: ")) from None
+
+
 @dataclass
 class BuildOptions:
-    """What ``build_bundle`` extracts and how."""
+    """What ``build_bundle`` extracts and how (``BuildConfig`` adds how members are opened)."""
 
     weights: list[float] | None = None
     max_train_images: int | None = None
@@ -115,14 +139,35 @@ def check_members(members: Sequence[Member], split: HeldoutSplit, allow_unknown_
 
 
 def find_split(members: Sequence[Member], split_file: str | Path | None) -> HeldoutSplit:
-    """Load ``split_file``, or else the split a run member trained on."""
+    """Load ``split_file``, or else the split a run member trained on; refuse a split without held-out
+    images (members trained on every class: nothing to tune on)."""
     from backbones.checkpoint import split_path
-    if split_file is not None:
-        return HeldoutSplit.load(split_file)
-    for m in members:
-        if isinstance(m, RunMember) and split_path(m.run_dir).is_file():
-            return HeldoutSplit.load(split_path(m.run_dir))
-    raise MemberCheckError("no held-out split: pass --split SPLIT.json (the split the members were trained on)")
+    where = split_file
+    if where is None:
+        where = next((split_path(m.run_dir) for m in members
+                      if isinstance(m, RunMember) and split_path(m.run_dir).is_file()), None)
+    if where is None:
+        raise MemberCheckError("no held-out split: pass --split SPLIT.json (the split the members were trained on)")
+    split = HeldoutSplit.load(where)
+    if not split.query_ids or not split.reference_ids:
+        raise MemberCheckError(
+            f"{where}: no held-out split ({len(split.heldout_classes)} held-out classes, {len(split.query_ids)} "
+            f"query and {len(split.reference_ids)} reference images): the members were trained on every class "
+            "(--heldout-fraction 0), and a bundle is tuned on held-out classes; build from members trained "
+            "with a held-out split, or pass --split SPLIT.json")
+    return split
+
+
+def check_data(data: Path, split: HeldoutSplit) -> None:
+    """Raise ``DataError`` when ``data`` lacks the split's held-out images (checked before extraction)."""
+    root = data / TRAIN_DIR
+    if not root.is_dir():
+        raise DataError(f"{root}: train folder not found (expected the NSML layout train/train_data/<class>/<image>)")
+    missing = [i for i in (*split.query_ids, *split.reference_ids) if not (root / i).is_file()]
+    if missing:
+        raise DataError(f"{root}: {len(missing)} of the split's {len(split.query_ids) + len(split.reference_ids)} "
+                        f"held-out images are missing (e.g. {missing[:3]}): is this the dataset the members "
+                        "were trained on?")
 
 
 def train_ids_for(data: Path, split: HeldoutSplit, max_images: int | None, seed: int,
@@ -175,6 +220,7 @@ def build_bundle(members: Sequence[Member], data: str | Path, split: HeldoutSpli
         raise MemberCheckError(f"refusing to build a refit: its post-processing was tuned on split "
                                f"{opt.refit_of.get('split')}, not on {split.hash}")
     check_members(members, split, opt.allow_unknown_split, refit=refit)
+    check_data(data, split)
     if opt.weights is not None:
         normalize_weights(opt.weights, len(members))  # raises on a wrong count or bad values
     ids = {"query": list(split.query_ids), "reference": list(split.reference_ids),
@@ -197,35 +243,39 @@ def build_bundle(members: Sequence[Member], data: str | Path, split: HeldoutSpli
 
 
 @dataclass
-class BuildConfig:
-    """Everything the CLI takes besides members, data and out (paths, not objects)."""
+class BuildConfig(BuildOptions):
+    """``BuildOptions`` plus how ``build_from_paths`` opens the members (paths, not objects)."""
 
-    weights: list[float] | None = None
     split: str | Path | None = None        # None: split.json of a run member
-    max_train_images: int | None = None
-    seed: int = 0
     device: str = "auto"
     batch_size: int = 64
     workers: int | None = None             # None: backbones.extract.default_workers of the device
-    flip: bool = False
+    flip: bool | list[bool] = False        # TTA of run members: one bool for all, or one per member
     cache_dir: str | Path | None = None    # None: OUT.cache beside the bundle
-    strict_split: bool = False
-    progress: bool = True
-    refit_of: dict | None = None           # a final refit (see BuildOptions)
+
+    def flips(self, n_members: int) -> list[bool]:
+        """One flip flag per member; a list of the wrong length is a ``UserError``."""
+        if isinstance(self.flip, bool):
+            return [self.flip] * n_members
+        flips = list(self.flip)
+        if len(flips) != n_members or not all(isinstance(f, bool) for f in flips):
+            raise UserError(f"flip: {flips!r} should be one bool for every member, or a list of {n_members} "
+                            f"bools (one per member)")
+        return flips
 
 
 def build_from_paths(member_paths: Sequence[str | Path], data: str | Path, out: str | Path,
                      config: BuildConfig | None = None) -> tuple[Bundle, BuildSummary]:
-    """Open run dirs / .npy files as members, find the split, and ``build_bundle`` into ``out``."""
+    """Check the device, open run dirs / .npy files as members, find the split, and ``build_bundle``
+    into ``out``."""
     cfg = config or BuildConfig()
+    check_device(cfg.device)
+    flips = cfg.flips(len(member_paths))
     out = Path(out)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir is not None else out.with_name(out.name + ".cache")
-    members = [open_member(p, tta=TTA(flip=cfg.flip), cache_dir=cache_dir, device=cfg.device,
-                           batch_size=cfg.batch_size, workers=cfg.workers) for p in member_paths]
-    split = find_split(members, cfg.split)
-    return build_bundle(members, data, split, out, BuildOptions(
-        weights=cfg.weights, max_train_images=cfg.max_train_images, seed=cfg.seed,
-        allow_unknown_split=not cfg.strict_split, progress=cfg.progress, refit_of=cfg.refit_of))
+    members = [open_member(p, tta=TTA(flip=flip), cache_dir=cache_dir, device=cfg.device,
+                           batch_size=cfg.batch_size, workers=cfg.workers) for p, flip in zip(member_paths, flips)]
+    return build_bundle(members, data, find_split(members, cfg.split), out, cfg)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -242,7 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-train-images", type=number(int, 2), metavar="N",
                     help="seeded subsample of the train-class images the whitening is fitted on (default: all)")
     ap.add_argument("--seed", type=number(int, 0), default=0, metavar="N", help="seed of that subsample")
-    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N, for extraction")
+    ap.add_argument("--device", default="auto", type=device_arg, help="auto, cpu, cuda or cuda:N, for extraction")
     ap.add_argument("--batch-size", type=number(int, 1), default=64, metavar="N", help="extraction batch size")
     ap.add_argument("--workers", type=workers_arg, default="auto", metavar="N|auto", help=WORKERS_HELP)
     ap.add_argument("--flip", action="store_true", help="run members average each image with its mirror image")
@@ -258,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = BuildConfig(weights=args.weights, split=args.split, max_train_images=args.max_train_images,
                          seed=args.seed, device=args.device, batch_size=args.batch_size, workers=args.workers,
-                         flip=args.flip, cache_dir=args.cache_dir, strict_split=args.strict_split,
+                         flip=args.flip, cache_dir=args.cache_dir, allow_unknown_split=not args.strict_split,
                          progress=not args.no_progress)
     _bundle, summary = build_from_paths(args.members, args.data, args.out, config)
     print(summary.line())

@@ -24,6 +24,11 @@ run. Any breach is a ``BundleError`` naming the bundle and each offending file. 
 reads nothing outside BUNDLE; saving writes only BUNDLE and its siblings BUNDLE.tmp-X and
 BUNDLE.old-X (the file-system side lives in ``ensemble.sealed``).
 
+Loading reads the bundle in place, never copying it, and hashes each file once per process
+(``ensemble.sealed.file_digest``: an unchanged file is not hashed again, a changed one is). The
+cached tuning descriptors (only tuning and the recipe's table use them) are parsed at load
+(header only) and read on first use of ``Bundle.descriptors``, checked against the manifest then.
+
 Saving, under an advisory lock (flock) on the parent folder that ``load`` takes too:
   1. write BUNDLE.tmp-X, every file fsynced, the manifest last (so a tmp that verifies
      is complete);
@@ -38,10 +43,11 @@ save puts one back.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import shutil
+import stat
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -50,16 +56,17 @@ from typing import Sequence
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from competition.cli import UserError
-from competition.fileio import atomic_path, atomic_write_json, sha256_file
+from competition.fileio import atomic_write_bytes, atomic_write_json, copy_file, make_dirs, sha256_file
 from competition.split import HeldoutSplit
 from ensemble.combine import l2_normalize
 from ensemble.members import Member, member_from_spec
 from ensemble.model import Ensemble
 from ensemble.postprocess import PostProcessing, fit_whitening_for
-from ensemble.sealed import RecoveryWarning, bad_key, fsync, fsync_tree, locked, recover, replace_dir, scan
+from ensemble.sealed import (RecoveryWarning, bad_key, file_digest, fsync, fsync_tree, locked, recover, replace_dir,
+                             scan)
 from ensemble.whitening import Whitening
 
 FORMAT_VERSION = 1
@@ -89,11 +96,9 @@ def package_versions() -> dict[str, str | None]:
                        "faiss": ["faiss-cpu", "faiss-gpu", "faiss"]}.items():
         out[key] = None
         for d in dists:
-            try:
+            with contextlib.suppress(metadata.PackageNotFoundError):
                 out[key] = metadata.version(d)
                 break
-            except metadata.PackageNotFoundError:
-                continue
     return out
 
 
@@ -102,9 +107,9 @@ def _folder_name(i: int, name: str) -> str:
 
 
 def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v if v.flags.c_contiguous else np.ascontiguousarray(v)  # (keeps 0-d arrays 0-d)
-                   for k, v in ((k, np.asarray(v)) for k, v in arrays.items())}, str(tmp))
+    """Write ``arrays`` as a .safetensors file (serialised in memory, then written atomically)."""
+    atomic_write_bytes(path, save({k: v if v.flags.c_contiguous else np.ascontiguousarray(v)  # (keeps 0-d arrays 0-d)
+                                   for k, v in ((k, np.asarray(v)) for k, v in arrays.items())}))
 
 
 def _read_arrays(root: Path, rel: str, full: bool = True) -> dict[str, np.ndarray]:
@@ -129,19 +134,21 @@ class Bundle:
     """An ensemble checkpoint in memory; ``path`` is where it was loaded from or saved to.
 
     ``descriptors[m][s]`` is member m's float16 (n_s, d_m) array for set s in
-    ("query", "reference", "train"); ``ids[s]`` names its rows.
+    ("query", "reference", "train"); ``ids[s]`` names its rows. A loaded bundle reads them on
+    first use (see the module docstring).
     """
 
     member_specs: list[dict]
     member_sources: list[dict[str, Path]]   # {file name in member folder: where it lives now}
     split: HeldoutSplit
     ids: dict[str, list[str]]
-    descriptors: list[dict[str, np.ndarray]]
+    _descriptors: list[dict[str, np.ndarray]] | None   # None: not read yet (``descriptors``)
     post: PostProcessing = field(default_factory=PostProcessing)
     whitening: Whitening | None = None
     path: Path | None = None
     created: str | None = None
     provenance: dict = field(default_factory=lambda: {"refit": False})
+    _digests: dict[str, str] = field(default_factory=dict, repr=False)  # the manifest's, for the late read
 
     # -- construction -----------------------------------------------------------
     @classmethod
@@ -164,7 +171,10 @@ class Bundle:
         """Raise ``BundleError`` when the parts disagree, or a member folder or file name would
         leave the bundle folder (``where`` names the bundle in messages)."""
         at = f"{where}: " if where is not None else "bundle: "
-        if not (len(self.member_specs) == len(self.member_sources) == len(self.descriptors)) or not self.member_specs:
+        counts = {len(self.member_specs), len(self.member_sources)}
+        if self._descriptors is not None:
+            counts.add(len(self._descriptors))
+        if len(counts) > 1 or not self.member_specs:
             raise BundleError(f"{at}member specs, files and descriptors disagree in number")
         for spec in self.member_specs:
             if not {"name", "kind", "folder"} <= set(spec):
@@ -176,14 +186,39 @@ class Bundle:
             for fname in sources:
                 if bad_key(fname):
                     raise BundleError(f"{at}bad file name members/{folder}/{fname} ({bad_key(fname)})")
-        for spec, d in zip(self.member_specs, self.descriptors):
-            for s in SETS:
-                if d[s].ndim != 2 or len(d[s]) != len(self.ids[s]):
-                    raise BundleError(f"{at}member {spec['name']}: {s} descriptors {d[s].shape} "
-                                      f"but {len(self.ids[s])} ids")
+        for spec, d in zip(self.member_specs, self._descriptors or []):
+            self._check_descriptors(at, spec, d)
         w = self.post.weights
         if w is not None and len(w) != len(self.member_specs):
             raise BundleError(f"{at}{len(self.member_specs)} members but {len(w)} weights")
+
+    def _check_descriptors(self, at: str, spec: dict, d: dict[str, np.ndarray]) -> None:
+        for s in SETS:
+            if d[s].ndim != 2 or len(d[s]) != len(self.ids[s]):
+                raise BundleError(f"{at}member {spec['name']}: {s} descriptors {d[s].shape} "
+                                  f"but {len(self.ids[s])} ids")
+
+    @property
+    def descriptors(self) -> list[dict[str, np.ndarray]]:
+        """Per member {set: float16 (n_s, d_m) array} (read from the bundle folder on first use)."""
+        if self._descriptors is None:
+            self._descriptors = [self._read_descriptors(spec) for spec in self.member_specs]
+        return self._descriptors
+
+    def _read_descriptors(self, spec: dict) -> dict[str, np.ndarray]:
+        """One member's cached descriptors from the loaded bundle, checked against its manifest again."""
+        rel = f"descriptors/{spec['folder']}.safetensors"
+        file = self.path / rel
+        try:
+            same = stat.S_ISREG(os.lstat(file).st_mode) and file_digest(file) == self._digests[rel]
+        except OSError as exc:
+            raise BundleError(f"{self.path}: cannot read {rel} ({exc.strerror}; deleted after loading?)") from exc
+        arrays = _read_arrays(self.path, rel) if same else {}
+        if not same or not set(SETS) <= set(arrays):
+            raise BundleError(f"{self.path}: corrupt file {rel} (changed since the bundle was loaded)")
+        d = {s: arrays[s] for s in SETS}
+        self._check_descriptors(f"{self.path}: ", spec, d)
+        return d
 
     @property
     def is_refit(self) -> bool:
@@ -200,9 +235,8 @@ class Bundle:
         for spec, sources, descs in zip(self.member_specs, self.member_sources, self.descriptors):
             folder = root / "members" / spec["folder"]
             for fname, src in sources.items():
-                (folder / fname).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, folder / fname)
-                fsync(folder / fname)  # (the files written below are fsynced by atomic_path)
+                make_dirs((folder / fname).parent)
+                copy_file(src, folder / fname)  # flushed, as atomic_path flushes the files below
             _save_arrays(root / "descriptors" / f"{spec['folder']}.safetensors", descs)
         atomic_write_json(root / "descriptors" / "ids.json", self.ids)
         atomic_write_json(root / "ensemble.json", {"format_version": FORMAT_VERSION, "members": self.member_specs,
@@ -228,7 +262,7 @@ class Bundle:
         saving a loaded bundle elsewhere writes a copy and leaves ``self.path`` as it was.
         """
         path = Path(os.path.abspath(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)
         self._check(path)
         replace_dir(path, self._write_into, _is_complete)
         if self.path is None or self.path == path:  # else a copy (NSML save): stay attached to self.path
@@ -269,7 +303,7 @@ class Bundle:
                 continue
             elif rel not in files:
                 problems.append(f"missing file {rel}")
-            elif sha256_file(path / rel) != digest:
+            elif file_digest(path / rel) != digest:
                 problems.append(f"corrupt file {rel} (sha256 does not match the manifest)")
         problems += [f"unlisted file {rel} (not in {MANIFEST})" for rel in sorted(files - set(listed) - {MANIFEST})]
         if problems:
@@ -281,6 +315,8 @@ class Bundle:
         """Load and verify a bundle (finishing a killed save first, see the module docstring);
         raises ``BundleError`` naming any corrupt, missing, unlisted or unsafe file."""
         path = Path(os.path.abspath(path))
+        if not path.parent.is_dir():
+            raise BundleError(f"{path}: bundle directory not found")
         with locked(path):
             recover(path, _is_complete)
             return cls._read(path)
@@ -308,19 +344,15 @@ class Bundle:
             for rel in sorted(listed):
                 if rel.endswith((".safetensors", ".npy")):
                     _read_arrays(path, rel, full=False)
-            descs = []
             for f in folders:
-                rel = f"descriptors/{f}.safetensors"
-                if rel not in listed:
-                    raise BundleError(f"{path}: missing file {rel} (not listed in {MANIFEST})")
-                arrays = _read_arrays(path, rel)
-                descs.append({s: arrays[s] for s in SETS})
+                if f"descriptors/{f}.safetensors" not in listed:
+                    raise BundleError(f"{path}: missing file descriptors/{f}.safetensors (not listed in {MANIFEST})")
             whitening = (Whitening.from_arrays(_read_arrays(path, "whitening.safetensors"))
                          if "whitening.safetensors" in listed else None)
             sources = [{rel[len(f"members/{f}/"):]: path / rel for rel in sorted(listed)
                         if rel.startswith(f"members/{f}/")} for f in folders]
-            bundle = cls(specs, sources, split, ids, descs, post, whitening, path, manifest.get("created"),
-                         provenance)
+            bundle = cls(specs, sources, split, ids, None, post, whitening, path, manifest.get("created"),
+                         provenance, dict(manifest["files"]))
             bundle._check(path)
         except BundleError:
             raise

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from competition.cli import show_progress
-from competition.fileio import atomic_path, atomic_write_json
+from competition.fileio import atomic_path, atomic_write_json, make_dirs
 from ensemble.combine import l2_normalize
 
 CACHE_VERSION = 1
@@ -191,7 +191,7 @@ class DescriptorCache:
         Entries for images not in ``paths`` are dropped unless ``keep_others``.
         ``root`` makes keys relative to it (a moved dataset then stays cached).
         """
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.folder)
         root_p = Path(root) if root is not None else None
         paths = [Path(p) for p in paths]
         keys = [_key(p, root_p) for p in paths]

@@ -12,12 +12,16 @@ from typing import Sequence
 import numpy as np
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+def l2_normalize(x: np.ndarray, eps: float = 1e-12, *, copy: bool = True) -> np.ndarray:
     """Return float32 rows scaled to unit length (zero rows stay zero); the one place where
-    stored (float16) or foreign descriptors become the unit rows the kit works on."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, eps)
+    stored (float16) or foreign descriptors become the unit rows the kit works on.
+
+    ``copy=False`` scales a float32 ``x`` in place (other dtypes are converted first either way).
+    """
+    x = np.array(x, dtype=np.float32) if copy else np.asarray(x, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # no (n, d) temporary, unlike np.linalg.norm
+    x /= np.maximum(norms, eps)[:, None]
+    return x
 
 
 def normalize_weights(weights: Sequence[float] | None, n_members: int) -> np.ndarray:
@@ -33,12 +37,19 @@ def normalize_weights(weights: Sequence[float] | None, n_members: int) -> np.nda
 
 
 def concatenate(member_desc: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
-    """Return the (n, sum d_m) float32 weighted concatenation of the members' (n, d_m) unit rows."""
+    """Return the (n, sum d_m) float32 weighted concatenation of the members' (n, d_m) unit rows,
+    written straight into one new array (float16 members are widened on the way)."""
     if not member_desc:
         raise ValueError("no member descriptors to combine")
+    member_desc = [np.asarray(d) for d in member_desc]
     n = {len(d) for d in member_desc}
     if len(n) != 1:
         raise ValueError(f"members describe different numbers of images: {[len(d) for d in member_desc]}")
     w = normalize_weights(weights, len(member_desc))
-    parts = [np.asarray(d, np.float32) * np.float32(np.sqrt(wm)) for d, wm in zip(member_desc, w)]
-    return np.concatenate(parts, axis=1)
+    dims = [d.shape[1] for d in member_desc]
+    out = np.empty((n.pop(), sum(dims)), dtype=np.float32)
+    start = 0
+    for d, wm, dm in zip(member_desc, w, dims):
+        np.multiply(d, np.float32(np.sqrt(wm)), out=out[:, start:start + dm], casting="unsafe")
+        start += dm
+    return out

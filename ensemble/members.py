@@ -11,8 +11,10 @@
   ``split_hash``, ``train_classes`` and ``name`` for the leakage checks.
 
 Every member has ``name``, ``dim``, ``fingerprint`` (sha256 of its weights / files),
-``split_hash`` and ``train_classes`` (None when unknown), and
-``describe(paths) -> (desc (n_ok, d) float32 unit rows in input order, ok (n,) bool)``.
+``split_hash`` and ``train_classes`` (None when unknown),
+``describe(paths) -> (desc (n_ok, d) float32 unit rows in input order, ok (n,) bool)``, and
+``preload()``, which reads into memory what ``describe`` needs from the member's files (a run's
+network; a descriptor file is memory-mapped when opened), so that they may be deleted afterwards.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from ensemble.combine import l2_normalize
 # extract(model_or_run_dir, paths, **kw) -> (desc (n_ok, d), ok (n,)); the signature of
 # backbones.extract.extract_descriptors.
 Extractor = Callable[..., tuple[np.ndarray, np.ndarray]]
+_READ_ROWS = 8192  # rows of a descriptor file read at a time (bounds the temporary copy)
 
 
 class MemberError(UserError, ValueError):
@@ -71,6 +74,9 @@ class Member:
 
     def describe(self, paths: Sequence[str | os.PathLike], **kw) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
+
+    def preload(self) -> None:
+        """Read what ``describe`` needs into memory (nothing to do for most members)."""
 
     def files(self) -> dict[str, Path]:
         """Return {file name inside the member's bundle folder: source path}."""
@@ -121,6 +127,17 @@ class RunMember(Member):
                    run_dir=run_dir, config=config, tta=tta or TTA(), extractor=extractor,
                    cache_dir=None if cache_dir is None else Path(cache_dir), **kw)
 
+    @classmethod
+    def from_spec(cls, spec: dict, run_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+                  **kw) -> "RunMember":
+        """A run stored in a bundle: identity from ``spec`` (what the bundle verified), nothing read
+        from ``run_dir`` until the network is loaded (its config.json with it, once)."""
+        classes = spec.get("train_classes")
+        return cls(name=spec["name"], dim=None if spec.get("dim") is None else int(spec["dim"]),
+                   fingerprint=spec["fingerprint"], split_hash=spec.get("split_hash"),
+                   train_classes=None if classes is None else tuple(classes), run_dir=Path(run_dir),
+                   tta=TTA.from_dict(spec.get("tta")), cache_dir=None if cache_dir is None else Path(cache_dir), **kw)
+
     def files(self) -> dict[str, Path]:
         from backbones.checkpoint import run_files
         return run_files(self.run_dir)
@@ -128,15 +145,19 @@ class RunMember(Member):
     def spec(self) -> dict:
         return {**super().spec(), "tta": self.tta.to_dict()}
 
+    def preload(self) -> None:
+        """Load the network (and its config) once; an injected ``extractor`` loads its own."""
+        if self.extractor is None and self._model is None:
+            from backbones.checkpoint import load_run
+            self._model, self.config = load_run(self.run_dir, self.device)
+
     def _extract(self, paths: Sequence[Path], progress: bool) -> tuple[np.ndarray, np.ndarray]:
         kw = dict(batch_size=self.batch_size, device=self.device, flip=self.tta.flip,
                   scales=tuple(self.tta.scales), workers=self.workers, amp=self.amp, progress=progress)
         if self.extractor is not None:
             return self.extractor(self.run_dir, list(paths), **kw)
-        from backbones.checkpoint import load_run
         from backbones.extract import extract_descriptors
-        if self._model is None:  # load once, reuse for every image set
-            self._model, self.config = load_run(self.run_dir, self.device)
+        self.preload()  # once, reused for every image set
         return extract_descriptors(self._model, list(paths), config=self.config, **kw)
 
     def describe(self, paths: Sequence[str | os.PathLike], *, set_name: str = "images", root: str | None = None,
@@ -174,10 +195,12 @@ def _read_names(path: Path) -> list[str]:
         raise MemberError(f"{path}: cannot read image names ({exc})") from exc
 
 
-def _lookup_keys(path: Path) -> list[str]:
-    """Keys a precomputed file may use for an image, most specific first."""
-    return [f"{path.parent.name}/{path.name}", f"{path.parent.name}/{image_name(path)}",
-            path.name, image_name(path)]
+def _lookup_keys(path: str) -> tuple[str, str, str, str]:
+    """Keys a precomputed file may use for an image, most specific first: ``<folder>/<file>``,
+    ``<folder>/<name>``, ``<file>``, ``<name>`` (string operations: this runs once per image)."""
+    head, file = os.path.split(path)
+    folder, name = os.path.basename(head), image_name(file)
+    return f"{folder}/{file}", f"{folder}/{name}", file, name
 
 
 @dataclass
@@ -243,24 +266,27 @@ class FileMember(Member):
             out["descriptors.meta.json"] = self.meta_path
         return out
 
+    def _row(self, path: str) -> int:
+        index = self._index
+        return next((index[k] for k in _lookup_keys(path) if k in index), -1)
+
     def describe(self, paths: Sequence[str | os.PathLike], **_ignored) -> tuple[np.ndarray, np.ndarray]:
         """Return (desc (n_ok, d) float32 unit rows in input order, ok (n,) bool); ok is False
-        for images the file does not list (warned once with a count)."""
-        rows = []
-        for p in paths:
-            rows.append(next((self._index[k] for k in _lookup_keys(Path(p)) if k in self._index), -1))
-        rows_a = np.asarray(rows, dtype=np.int64)
-        ok = rows_a >= 0
+        for images the file does not list (warned once with a count). The file's rows are read
+        in file order, a block at a time (memory-map friendly), straight into the result."""
+        all_rows = np.fromiter((self._row(os.fspath(p)) for p in paths), dtype=np.int64, count=len(paths))
+        ok = all_rows >= 0
         if not ok.all():
             missing = [str(p) for p, good in zip(paths, ok) if not good]
             warnings.warn(f"member {self.name}: {len(missing)} images not in {self.npy_path.name}, "
                           f"e.g. {missing[:3]}", stacklevel=2)
-        desc = np.asarray(self._desc[np.sort(rows_a[ok])], dtype=np.float32) if ok.any() else \
-            np.zeros((0, self.dim or 0), np.float32)
-        if ok.any():  # restore input order after the sorted (mmap-friendly) read
-            order = np.argsort(np.argsort(rows_a[ok], kind="stable"), kind="stable")
-            desc = desc[order]
-        return l2_normalize(desc), ok
+        rows = all_rows[ok]
+        desc = np.empty((len(rows), self._desc.shape[1]), dtype=np.float32)
+        order = np.argsort(rows, kind="stable")
+        for start in range(0, len(rows), _READ_ROWS):
+            part = order[start:start + _READ_ROWS]
+            desc[part] = self._desc[rows[part]]
+        return l2_normalize(desc, copy=False), ok
 
 
 def describe_all(members: Sequence[Member], paths: Sequence[str | os.PathLike], *, set_name: str = "images",
@@ -268,20 +294,22 @@ def describe_all(members: Sequence[Member], paths: Sequence[str | os.PathLike], 
                  on_member: Callable[[], None] | None = None) -> tuple[list[np.ndarray], np.ndarray]:
     """Return ([per member (n_ok, d_m) float32 unit rows], ok (n,) bool): the images every member describes.
 
+    A member's rows are copied only when another member missed some of its images.
     ``on_member`` is called after each member (a progress hook).
     """
-    paths = [Path(p) for p in paths]
-    full, ok = [], np.ones(len(paths), dtype=bool)
+    described, ok = [], np.ones(len(paths), dtype=bool)
     for m in members:
         desc, m_ok = m.describe(paths, set_name=set_name, root=root, progress=progress)
         m_ok = np.asarray(m_ok, bool)
-        rows = np.zeros((len(paths), desc.shape[1]), dtype=np.float32)
-        rows[m_ok] = desc
-        full.append(rows)
+        described.append((desc, m_ok))
         ok &= m_ok
         if on_member is not None:
             on_member()
-    return [f[ok] for f in full], ok
+    kept = []
+    for desc, m_ok in described:  # desc's rows are m_ok's images; keep those every member described
+        keep = ok[m_ok]
+        kept.append(desc if keep.all() else desc[keep])
+    return kept, ok
 
 
 def open_member(path: str | os.PathLike, **kw) -> Member:
@@ -298,11 +326,11 @@ def open_member(path: str | os.PathLike, **kw) -> Member:
 def member_from_spec(spec: dict, folder: str | os.PathLike, **kw) -> Member:
     """Rebuild a member stored in a bundle's member ``folder`` from its ``spec`` (no re-hashing)."""
     folder = Path(folder)
-    common = dict(name=spec["name"], fingerprint=spec["fingerprint"])
     if spec["kind"] == "run":
-        return RunMember.from_dir(folder, tta=TTA.from_dict(spec.get("tta")), **common, **kw)
+        return RunMember.from_spec(spec, folder, **kw)
     if spec["kind"] == "file":
         names = next((p for p in (folder / "names.txt", folder / "names.json") if p.is_file()), None)
         return FileMember.from_file(folder / "descriptors.npy", names, split_hash=spec.get("split_hash"),
-                                    train_classes=spec.get("train_classes"), **common)
+                                    train_classes=spec.get("train_classes"), name=spec["name"],
+                                    fingerprint=spec["fingerprint"])
     raise MemberError(f"{folder}: unknown member kind {spec['kind']!r}")

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ensemble.combine import l2_normalize
+from ensemble.combine import l2_normalize, normalize_weights
 from ensemble.members import Member, describe_all
 from ensemble.postprocess import PostProcessing, ensemble_descriptors, fit_whitening_for
 from ensemble.whitening import Whitening
@@ -36,10 +36,6 @@ class Ranking:
     unreadable_queries: list[str] = field(default_factory=list)
     unreadable_references: list[str] = field(default_factory=list)
 
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        """``np.asarray(ranking)`` is ``ranking.indices`` (so it can stand where indices are expected)."""
-        return self.indices if dtype is None else self.indices.astype(dtype)
-
 
 class Ensemble:
     """Members plus the post-processing (weights, whitening, re-ranking) tuned for them."""
@@ -52,8 +48,8 @@ class Ensemble:
         post = post or PostProcessing()
         if weights is not None:
             post = replace(post, weights=[float(w) for w in weights])
-        if post.weights is not None and len(post.weights) != len(members):
-            raise ValueError(f"{len(members)} members but {len(post.weights)} weights")
+        if post.weights is not None:
+            normalize_weights(post.weights, len(members))  # raises on a wrong count or bad values
         if post.whiten and whitening is None:
             raise ValueError("post-processing asks for whitening: pass a fitted Whitening or call fit_whitening")
         self.members = list(members)
@@ -68,6 +64,12 @@ class Ensemble:
     def member_names(self) -> list[str]:
         return [m.name for m in self.members]
 
+    def preload(self) -> None:
+        """Read into memory what the members need to describe images (see ``Member.preload``), so
+        that their files may go away (NSML may delete a checkpoint folder once it is loaded)."""
+        for m in self.members:
+            m.preload()
+
     def member_descriptors(self, paths: Sequence[str | os.PathLike], *, set_name: str = "images",
                            progress: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
         """Return ([per member (n_ok, d_m) float32], ok (n,)): rows of images every member describes."""
@@ -79,8 +81,8 @@ class Ensemble:
         self.whitening = fit_whitening_for(descs, self.post)
         return self.whitening
 
-    def describe(self, paths: Sequence[str | os.PathLike], device: str | None = None, *,
-                 set_name: str = "images", progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def describe(self, paths: Sequence[str | os.PathLike], *, set_name: str = "images",
+                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Return (ensemble descriptors (n_ok, D) float32 unit rows in input order, ok (n,) bool)."""
         descs, ok = self.member_descriptors(paths, set_name=set_name, progress=progress)
         if not ok.any():
@@ -110,19 +112,20 @@ class Ensemble:
             k = min(top_k, len(reference_paths))
             return Ranking(np.full((nq, k), -1, np.int64), np.zeros((nq, k), np.float32),
                            [str(p) for p in query_paths], bad_refs)
-        q_ok_desc, q_ok = self.describe(query_paths, set_name="query", progress=progress)
+        query, q_ok = self.describe(query_paths, set_name="query", progress=progress)
         bad_queries = [str(p) for p, good in zip(query_paths, q_ok) if not good]
-        query = np.empty((nq, ref.shape[1]), dtype=np.float32)
-        query[q_ok] = q_ok_desc
         if bad_queries:
             warnings.warn(f"{len(bad_queries)} unreadable queries answered with the reference centroid, "
                           f"e.g. {bad_queries[:3]}", stacklevel=2)
-            query[~q_ok] = l2_normalize(ref.mean(axis=0, keepdims=True))
+            readable, query = query, np.empty((nq, ref.shape[1]), dtype=np.float32)
+            query[q_ok] = readable
+            query[~q_ok] = l2_normalize(ref.mean(axis=0, keepdims=True), copy=False)
         if nq == 0:
             k = min(top_k, len(ref))
             return Ranking(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), [], bad_refs)
         scores, idx = rerank(query, ref, self.post.rerank, top_k=top_k, device=self.device, progress=progress)
-        idx = np.asarray(idx, dtype=np.int64)
-        ref_map = np.flatnonzero(ref_ok)
-        indices = np.where(idx >= 0, ref_map[np.clip(idx, 0, None)], -1)
+        indices = np.asarray(idx, dtype=np.int64)
+        if bad_refs:  # rows of ``ref`` -> positions in ``reference_paths``
+            ref_map = np.flatnonzero(ref_ok)
+            indices = np.where(indices >= 0, ref_map[np.clip(indices, 0, None)], -1)
         return Ranking(indices, np.asarray(scores, np.float32), bad_queries, bad_refs)

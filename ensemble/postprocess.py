@@ -25,7 +25,8 @@ class PostProcessing:
 
     ``weights`` None means equal weights. ``whiten_dim`` None keeps every
     component the training set supports. ``whiten_power`` 0 is a plain PCA
-    rotation, 1 full whitening.
+    rotation, 1 full whitening: the one place the power lives (the fitted
+    ``Whitening`` holds none).
     """
 
     weights: list[float] | None = None
@@ -60,7 +61,7 @@ def fit_whitening_for(train_member_desc: Sequence[np.ndarray], post: PostProcess
     if not post.whiten:
         return None
     train = concatenate(train_member_desc, post.weights)
-    return fit_whitening(train, dim=None, power=post.whiten_power, shrinkage=post.whiten_shrinkage)
+    return fit_whitening(train, dim=None, shrinkage=post.whiten_shrinkage)
 
 
 def ensemble_descriptors(member_desc: Sequence[np.ndarray], post: PostProcessing,

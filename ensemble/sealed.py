@@ -7,6 +7,11 @@ from the file system, kept apart from what it stores:
 * ``scan(root)``: its regular files, and the links and special files it refuses (never followed).
 * ``replace_dir(path, write)``: fill PATH.tmp-X, swap it in by renames, under a lock;
   ``recover(path, is_complete)`` finishes or undoes a replace that was killed.
+* ``locked(path)``: the lock, an flock on the parent folder (no lock file, so a read-only folder
+  locks too). Where the platform or file system cannot lock, it refuses (``LockError``) rather
+  than run unlocked: a save racing a load could otherwise swap the folder under the reader.
+* ``file_digest(path)``: a file's sha256, computed once per process while the file stays as it
+  was (same size, mtime_ns, ctime_ns, inode and device); a changed file is hashed again.
 """
 from __future__ import annotations
 
@@ -20,11 +25,40 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
+from competition.cli import UserError
+from competition.fileio import WriteError, sha256_file
+
 _BAD_CHARS = re.compile(r"[\\:\x00-\x1f\x7f]")
 
 
 class RecoveryWarning(UserWarning):
     """A killed save was finished or undone, or its leftovers removed (the message names them)."""
+
+
+class LockError(UserError):
+    """The folder cannot be locked (the message names it and why)."""
+
+
+# absolute path -> (size, mtime_ns, ctime_ns, inode, device) when hashed, sha256
+_DIGESTS: dict[str, tuple[tuple[int, int, int, int, int], str]] = {}
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+
+def file_digest(path: Path) -> str:
+    """Return the hex sha256 of ``path``, from the memo when the file has not changed since it was
+    hashed in this process (its size, mtime_ns, ctime_ns, inode and device all equal)."""
+    key = os.path.abspath(path)
+    before = _identity(os.stat(path))
+    known = _DIGESTS.get(key)
+    if known is not None and known[0] == before:
+        return known[1]
+    digest = sha256_file(path)
+    if _identity(os.stat(path)) == before:  # unchanged while it was read: the digest is of that file
+        _DIGESTS[key] = (before, digest)
+    return digest
 
 
 def bad_key(rel: object) -> str | None:
@@ -96,21 +130,26 @@ def _remove(path: Path) -> None:
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock (flock) on ``path``'s parent folder; unlocked where the
-    platform or file system has no flock."""
+    """Hold an exclusive advisory lock (flock) on ``path``'s parent folder; ``LockError`` naming the
+    folder where the platform or file system cannot lock it (never runs unlocked)."""
     try:
         import fcntl
-        fd = os.open(path.parent, os.O_RDONLY)
-    except (ImportError, OSError):
-        fcntl, fd = None, None
+    except ImportError:
+        raise LockError(f"{path.parent}: cannot lock the folder (no fcntl.flock on this platform); "
+                        "saving and loading a bundle need a lock") from None
     try:
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError as exc:
+        raise LockError(f"{path.parent}: cannot open the folder to lock it ({exc.strerror})") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            raise LockError(f"{path.parent}: cannot lock the folder ({exc.strerror}); saving and loading a "
+                            "bundle need a file system with flock (e.g. a local disk)") from exc
         yield
     finally:
-        if fd is not None:
-            os.close(fd)  # releases the lock
+        os.close(fd)  # releases the lock
 
 
 def recover(path: Path, is_complete: Callable[[Path], bool]) -> None:
@@ -155,9 +194,15 @@ def replace_dir(path: Path, write: Callable[[Path], None], is_complete: Callable
     """
     with locked(path):
         recover(path, is_complete)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
+        except OSError as exc:
+            raise WriteError(path, "create a temporary folder beside", exc) from exc
         try:
             write(tmp)
+        except WriteError as exc:  # name the file meant, not its staging copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise exc.moved(tmp, path) from exc.cause
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -168,7 +213,9 @@ def replace_dir(path: Path, write: Callable[[Path], None], is_complete: Callable
                 fsync(path.parent)
             os.rename(tmp, path)
             fsync(path.parent)
-        except Exception:
+        except Exception as exc:
             recover(path, is_complete)
+            if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+                raise WriteError(path, "swap in the new version of", exc) from exc
             raise
         _remove(old)

@@ -4,6 +4,11 @@ x -> L2norm( diag((lambda + shrinkage * mean(lambda)) ** (-power / 2)) · U^T (x
 with U, lambda the top ``dim`` eigenvectors and eigenvalues of the training covariance.
 power = 0 is a plain PCA rotation/projection, power = 1 full whitening; the shrinkage
 keeps tiny eigenvalues from blowing up noise directions.
+
+The fit (``Whitening``: mean, components, eigenvalues, shrinkage) is what a bundle stores; the
+power and the kept dimension are applied at ``apply`` time (``PostProcessing.whiten_power`` and
+``whiten_dim`` say which), so a tuner tries several without refitting. Bundles written when the
+fit also stored a power still load: that stored value is ignored.
 """
 from __future__ import annotations
 
@@ -14,71 +19,73 @@ import numpy as np
 from ensemble.combine import l2_normalize
 
 
+def _check_power(power: float) -> float:
+    if not 0.0 <= power <= 1.0:
+        raise ValueError(f"power must be in [0, 1], got {power}")
+    return float(power)
+
+
 @dataclass
 class Whitening:
-    """A fitted PCA-whitening: ``mean`` (d,), ``components`` (d, dim), ``eigenvalues`` (dim,)."""
+    """A fitted PCA: ``mean`` (d,), ``components`` (d, dim), ``eigenvalues`` (dim,), ``shrinkage``."""
 
     mean: np.ndarray
     components: np.ndarray
     eigenvalues: np.ndarray
-    power: float = 1.0
     shrinkage: float = 0.0
 
     @property
     def dim(self) -> int:
         return self.components.shape[1]
 
-    def projection(self, power: float | None = None, dim: int | None = None) -> np.ndarray:
-        """Return the (d, dim) matrix that maps centred descriptors to whitened ones."""
-        power = self.power if power is None else power
+    def projection(self, power: float = 1.0, dim: int | None = None) -> np.ndarray:
+        """Return the (d, dim) float32 matrix that maps centred descriptors to whitened ones."""
         dim = self.dim if dim is None else min(dim, self.dim)
         lam = self.eigenvalues[:dim] + self.shrinkage * float(self.eigenvalues.mean())
-        scale = np.power(np.maximum(lam, 1e-12), -power / 2.0)
+        scale = np.power(np.maximum(lam, 1e-12), -_check_power(power) / 2.0)
         return (self.components[:, :dim] * scale[None, :]).astype(np.float32)
 
-    def apply(self, desc: np.ndarray, normalize: bool = True, power: float | None = None,
+    def apply(self, desc: np.ndarray, normalize: bool = True, power: float = 1.0,
               dim: int | None = None) -> np.ndarray:
-        """Return whitened (n, dim) float32 descriptors (L2-normalised unless ``normalize=False``).
+        """Return whitened (n, dim) float32 descriptors (unit rows unless ``normalize=False``).
 
-        ``power`` and ``dim`` override the fitted ones (dim only downwards), so a
-        tuner can try several without refitting.
+        ``power`` in [0, 1] (1: full whitening); ``dim`` keeps the leading components (at most
+        the fitted ones). Computed as x P - mu P: no centred copy of ``desc``.
         """
         desc = np.asarray(desc, dtype=np.float32)
-        if desc.shape[1] != self.mean.shape[0]:
-            raise ValueError(f"whitening fitted on d={self.mean.shape[0]}, got descriptors of d={desc.shape[1]}")
-        out = (desc - self.mean[None, :].astype(np.float32)) @ self.projection(power, dim)
-        return l2_normalize(out) if normalize else out
+        if desc.ndim != 2 or desc.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"whitening fitted on d={self.mean.shape[0]}, got descriptors of shape {desc.shape}")
+        proj = self.projection(power, dim)
+        out = desc @ proj
+        out -= self.mean.astype(np.float32) @ proj
+        return l2_normalize(out, copy=False) if normalize else out
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {
             "mean": self.mean.astype(np.float32),
             "components": self.components.astype(np.float32),
             "eigenvalues": self.eigenvalues.astype(np.float64),
-            "power": np.array(self.power, dtype=np.float64),
             "shrinkage": np.array(self.shrinkage, dtype=np.float64),
         }
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "Whitening":
+        """Inverse of :meth:`to_arrays` (a ``power`` array of older bundles is ignored)."""
         return cls(
             mean=np.asarray(arrays["mean"], dtype=np.float32),
             components=np.asarray(arrays["components"], dtype=np.float32),
             eigenvalues=np.asarray(arrays["eigenvalues"], dtype=np.float64),
-            power=float(arrays["power"]),
             shrinkage=float(arrays["shrinkage"]),
         )
 
 
-def fit_whitening(train_desc: np.ndarray, dim: int | None = None, power: float = 1.0,
-                  shrinkage: float = 0.0) -> Whitening:
+def fit_whitening(train_desc: np.ndarray, dim: int | None = None, shrinkage: float = 0.0) -> Whitening:
     """Fit PCA-whitening on (n, d) train-class descriptors; ``dim`` defaults to min(n - 1, d)."""
     x = np.asarray(train_desc, dtype=np.float64)
     if x.ndim != 2 or len(x) < 2:
         raise ValueError(f"need at least 2 training descriptors of shape (n, d), got {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError("training descriptors contain NaN or inf")
-    if not 0.0 <= power <= 1.0:
-        raise ValueError(f"power must be in [0, 1], got {power}")
     if shrinkage < 0:
         raise ValueError(f"shrinkage must be >= 0, got {shrinkage}")
     n, d = x.shape
@@ -95,4 +102,4 @@ def fit_whitening(train_desc: np.ndarray, dim: int | None = None, power: float =
     # fix the sign so a refit on the same data gives the same arrays
     signs = np.sign(components[np.abs(components).argmax(axis=0), np.arange(dim)])
     components = components * np.where(signs == 0, 1.0, signs)[None, :]
-    return Whitening(mean.astype(np.float32), components.astype(np.float32), eigenvalues, power, shrinkage)
+    return Whitening(mean.astype(np.float32), components.astype(np.float32), eigenvalues, shrinkage)

@@ -1,5 +1,6 @@
 """The submission rules: validation, building, writing, local scoring; the NSML stand-in."""
 import csv
+import io
 import json
 import re
 
@@ -170,3 +171,58 @@ def test_only_labelled_queries_are_scored_and_unlabelled_references_never_count(
     assert "2 references without a label count as never relevant" in coverage.summary()
     with pytest.raises(SubmissionError, match="none of the 4 queries has a label"):
         score_submission(sub, {"query": {}, "reference": labels["reference"]}, queries, refs)
+
+
+def _slow_valid(row, n_refs, want):
+    """The rule by hand: the first ``want`` entries are distinct indices in [0, n_refs)."""
+    head = list(row[:want])
+    return len(head) == want and all(0 <= i < n_refs for i in head) and len(set(head)) == want
+
+
+def test_rankings_are_checked_once_as_indices_and_only_broken_rows_repaired():
+    from competition.submission import Submission, check_rankings
+    rng = np.random.default_rng(3)
+    n_refs, want = 6, 4
+    rows = [rng.permutation(n_refs)[:5] for _ in range(40)]
+    for r in rows[::3]:
+        r[rng.integers(0, 3)] = rng.choice([-1, n_refs, r[3]])  # out of range, or a repeat of the fourth
+    indices = np.array(rows)
+    assert check_rankings(indices, n_refs, want).tolist() == [_slow_valid(r, n_refs, want) for r in rows]
+    queries = [f"q{i}" for i in range(len(rows))]
+    refs = [f"r{i}" for i in range(n_refs)]
+    sub = build_submission(queries, refs, indices, length=want)
+    assert isinstance(sub, Submission) and sub.indices.shape == (len(rows), want) and sub.reference_names == refs
+    for (i, (q, ranked)), row, carried in zip(sub, rows, sub.indices):
+        assert q == queries[i] and ranked == [refs[j] for j in carried] and len(set(ranked)) == want
+        if _slow_valid(row, n_refs, want):
+            assert carried.tolist() == list(row[:want])
+    short = build_submission(QUERIES, REFS, np.array([[1], [3]]), length=None)   # one column for four wanted
+    assert [refs for _, (_, refs) in short] == [["r1", "r0", "r2", "r3"], ["r3", "r0", "r1", "r2"]]
+    with pytest.raises(SubmissionError, match=r"listed twice: \['qa'\]"):
+        build_submission(["qa", "qa"], REFS, np.zeros((2, 1), int), length=1)
+
+
+@pytest.mark.parametrize("refs", [SAFE_REFS, ["r0", "r1", "r2", "r3", "r4", "r5", "r6"]])
+def test_streamed_files_are_what_json_and_csv_write(tmp_path, refs):
+    rng = np.random.default_rng(0)
+    indices = np.stack([rng.permutation(len(refs))[:5] for _ in AWKWARD_QUERIES])
+    sub = build_submission(AWKWARD_QUERIES, refs, indices, length=5)
+    json_path, csv_path = write_submission(sub, tmp_path)
+    as_dict = {q: ranked for _, (q, ranked) in sub}
+    assert json_path.read_text(encoding="utf-8") == json.dumps(as_dict) + "\n"
+    expected = io.StringIO()
+    writer = csv.writer(expected, lineterminator="\r\n")
+    writer.writerows([["query", "references"]] + [[q, " ".join(r)] for q, r in as_dict.items()])
+    assert csv_path.read_bytes().decode("utf-8") == expected.getvalue()
+    assert write_submission(list(sub), tmp_path / "plain")[0].read_bytes() == json_path.read_bytes()
+
+
+def test_scores_from_indices_equal_scores_from_names():
+    from competition.submission import score_rankings
+    queries, refs = ["qa", "qb", "qc", "qd"], ["r0", "r1", "r2", "r3", "r4", "r5"]
+    labels = {"query": {"qa": "x", "qb": "y", "qd": "none"},
+              "reference": {"r0": "x", "r1": "y", "r2": "x", "r4": "y"}}
+    rng = np.random.default_rng(2)
+    sub = build_submission(queries, refs, np.stack([rng.permutation(6) for _ in queries]), length=4)
+    by_names = score_submission({q: r for _, (q, r) in sub}, labels, queries, refs, k=3)
+    assert score_rankings(sub.indices, labels, queries, refs, k=3) == by_names

@@ -1,5 +1,6 @@
 """ensemble.build: member checks (split, leakage), train subsampling, the CLI."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,3 +99,61 @@ def test_cli_builds_from_descriptor_files_and_refuses_leakage(ens_env, capsys):
                "--split", str(split_path), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "member three" in err and ens_env.split.heldout_classes[0] in err
+
+
+def test_members_trained_on_every_class_are_told_there_is_no_held_out_split(ens_env, capsys):
+    from competition.split import HeldoutSplit
+    every = HeldoutSplit(tuple(ens_env.split.train_classes) + tuple(ens_env.split.heldout_classes), (), (), (), seed=0)
+    run = ens_env.make_run("all", split_hash=every.hash, classes=every.train_classes)
+    every.save(run / "split.json")   # what --heldout-fraction 0 leaves in the run folder
+    rc = run_command(main, ["--members", str(run), "--data", str(ens_env.data), "--out", str(ens_env.root / "B"),
+                            "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: {run / 'split.json'}: no held-out split (0 held-out classes")
+    assert "--heldout-fraction 0" in err and "no readable" not in err and not (ens_env.root / "B").exists()
+
+
+def test_a_data_folder_without_the_splits_images_fails_before_extraction(ens_env):
+    from competition.data import DataError
+    (ens_env.data / "train" / "train_data" / ens_env.split.query_ids[0]).unlink()
+    with pytest.raises(DataError, match=r"1 of the split's \d+ held-out images are missing"):
+        build_bundle([_run(ens_env, "a")], ens_env.data, ens_env.split, ens_env.root / "B",
+                     BuildOptions(progress=False))
+    assert ens_env.extractor.calls == 0
+
+
+@pytest.mark.parametrize("device,needle", [("gpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+                                           ("cuda:x", "device must be")])
+def test_a_bad_device_is_refused_at_parse_time(ens_env, capsys, device, needle):
+    import main as main_py
+    for entry in (main, main_py.main):
+        with pytest.raises(SystemExit) as info:
+            entry(["--members", "r", "--data", str(ens_env.data), "--out", str(ens_env.root / "B"), "--device", device])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.startswith("error: argument --device:") and needle in err
+        assert err.count("\n") == 1
+
+
+def test_flip_is_one_bool_or_one_per_member(ens_env, monkeypatch):
+    from competition.cli import UserError
+    from ensemble import build as build_mod
+    from ensemble.build import BuildConfig, build_from_paths
+    seen = []
+
+    def extractor(run_dir, paths, **kw):
+        seen.append((Path(run_dir).name, kw["flip"]))
+        return ens_env.extractor(run_dir, paths, **kw)
+    monkeypatch.setattr(build_mod, "open_member", lambda p, **kw: open_member(p, extractor=extractor, **kw))
+    runs = [str(ens_env.make_run(n, dim=4, seed=i)) for i, n in enumerate(("a", "b"))]
+    split = ens_env.root / "split.json"
+    ens_env.split.save(split)
+    bundle, _ = build_from_paths(runs, ens_env.data, ens_env.root / "B",
+                                 BuildConfig(split=split, flip=[True, False], progress=False))
+    assert [s["tta"]["flip"] for s in bundle.member_specs] == [True, False]
+    assert set(seen) == {("a", True), ("b", False)}
+    bundle, _ = build_from_paths(runs, ens_env.data, ens_env.root / "C", BuildConfig(split=split, flip=True,
+                                                                                     progress=False))
+    assert [s["tta"]["flip"] for s in bundle.member_specs] == [True, True]
+    with pytest.raises(UserError, match=r"flip: \[True\] should be one bool for every member, or a list of 2"):
+        build_from_paths(runs, ens_env.data, ens_env.root / "D", BuildConfig(split=split, flip=[True]))
+    assert not (ens_env.root / "D").exists()

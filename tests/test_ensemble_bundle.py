@@ -1,6 +1,7 @@
 """Ensemble bundle: round trip, integrity checks, post-processing refit."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,3 +104,74 @@ def test_bundle_is_relocatable_and_ranks(ens_env):
     assert Bundle.load(moved).ids == loaded.ids
     copy = loaded.save(ens_env.root / "nsml_dir" / "bundle")
     assert loaded.path == moved and Bundle.load(copy).member_specs == loaded.member_specs
+
+
+def _hash_counter(monkeypatch):
+    """Count ``ensemble.sealed``'s sha256 computations per file; start from an empty memo."""
+    from collections import Counter
+
+    from ensemble import sealed
+    counts: Counter = Counter()
+    real = sealed.sha256_file
+
+    def counted(path, *args):
+        counts[Path(path)] += 1
+        return real(path, *args)
+    monkeypatch.setattr(sealed, "sha256_file", counted)
+    monkeypatch.setattr(sealed, "_DIGESTS", {})
+    return counts
+
+
+def test_each_file_is_hashed_once_per_process_and_again_when_it_changes(ens_env, monkeypatch):
+    _build(ens_env)
+    path = ens_env.root / "B"
+    counts = _hash_counter(monkeypatch)
+    Bundle.load(path)
+    n_files = len(json.loads((path / "manifest.json").read_text())["files"])
+    assert sum(counts.values()) == n_files and set(counts.values()) == {1}
+    Bundle.load(path)
+    assert sum(counts.values()) == n_files                      # the memo: nothing hashed again
+    weights = path / "members" / "00_a" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())                   # the same bytes, written anew
+    assert Bundle.load(path).member_names == ["a", "b"] and counts[weights] == 2
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))                            # changed after it was verified
+    with pytest.raises(BundleError, match="corrupt file members/00_a/model.safetensors"):
+        Bundle.load(path)
+
+
+def test_the_tuning_descriptors_are_read_on_first_use_and_checked_then(ens_env, monkeypatch):
+    from ensemble import bundle as bundle_mod
+    built, _ = _build(ens_env)
+    reads = []
+    real = bundle_mod._read_arrays
+    monkeypatch.setattr(bundle_mod, "_read_arrays",
+                        lambda root, rel, full=True: (reads.append((rel, full)), real(root, rel, full))[1])
+    loaded = Bundle.load(ens_env.root / "B")
+    assert not [rel for rel, full in reads if full and rel.startswith("descriptors/")]
+    assert np.array_equal(loaded.set_descriptors("query")[1], built.set_descriptors("query")[1])
+    assert [rel for rel, full in reads if full] == ["descriptors/00_a.safetensors", "descriptors/01_b.safetensors"]
+    again = Bundle.load(ens_env.root / "B")
+    f = ens_env.root / "B" / "descriptors" / "01_b.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="corrupt file descriptors/01_b.safetensors"):
+        again.descriptors
+
+
+def test_a_folder_that_cannot_be_locked_is_refused_never_used_unlocked(ens_env, monkeypatch):
+    import errno
+    import fcntl
+
+    from ensemble.sealed import LockError
+    bundle, _ = _build(ens_env)
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    for attempt in (lambda: Bundle.load(ens_env.root / "B"), lambda: bundle.save(ens_env.root / "C")):
+        with pytest.raises(LockError, match=f"{ens_env.root}: cannot lock the folder \\(No locks available\\)"):
+            attempt()
+    assert not (ens_env.root / "C").exists()

@@ -151,15 +151,18 @@ def test_symlinks_are_refused_wherever_they_point(crafted, case):
     assert f"symlink {link.relative_to(bundle).as_posix()}" in str(err)
 
 
-def test_symlinks_survive_mains_copy_and_are_refused_there(crafted, tmp_path):
+def test_symlinks_are_refused_by_mains_load_which_reads_in_place(crafted):
+    import main
     bundle, victim = crafted
     (bundle / "members" / "00_run" / "config.json").unlink()
     (bundle / "members" / "00_run" / "config.json").symlink_to(victim)
     _reseal(bundle, "members/00_run/config.json")
-    target = tmp_path / "private" / "copy"
-    shutil.copytree(bundle, target, symlinks=True)  # what main.py's nsml load does
-    with pytest.raises(BundleError, match="symlink members/00_run/config.json"):
-        Bundle.load(target)
+    state = main.SessionState(None, top_k=10, device="cpu")
+    main.bind_model(state)
+    from competition import nsml_local
+    with pytest.raises(BundleError, match=f"{bundle}: symlink members/00_run/config.json"):
+        nsml_local.load_path(bundle)   # what main.py's nsml load does: no copy, the bundle itself
+    assert state.bundle is None and state._workdir is None and victim.read_bytes() == VICTIM_BYTES
 
 
 @pytest.mark.parametrize("rel", ["members/00_run/extra.bin", "run_me.py"])

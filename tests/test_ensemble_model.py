@@ -90,7 +90,31 @@ def test_end_to_end_with_a_real_tiny_backbone(ens_env, capsys):
     ens = loaded.ensemble(device="cpu")
     queries = _paths(ens_env, ens_env.split.query_ids)
     ranking = ens.rank(queries, _paths(ens_env, ens_env.split.reference_ids), top_k=5)
-    assert np.asarray(ranking).shape == (len(queries), min(5, len(ens_env.split.reference_ids)))
+    assert ranking.indices.shape == (len(queries), min(5, len(ens_env.split.reference_ids)))
     # inference reproduces the member descriptors tuning saw (float16 storage aside)
     member_desc, ok = ens.member_descriptors(queries)
     assert ok.all() and np.allclose(member_desc[0], loaded.set_descriptors("query")[0], atol=2e-3)
+
+
+def test_descriptors_are_normalised_where_read_and_where_whitened_only(ens_env, monkeypatch):
+    """The package invariant: unit rows in, unit rows out; a member's rows are normalised once when read
+    from a file, the whitening once after it changes the norms, and no step in between does it again."""
+    import ensemble.combine as combine_mod
+    from ensemble import cache, members, model, whitening
+    from ensemble.members import FileMember
+    from ensemble.postprocess import fit_whitening_for
+    paths = _paths(ens_env, ens_env.split.query_ids + ens_env.split.reference_ids)
+    files = []
+    for name, d in (("a", 6), ("b", 3)):
+        np.save(ens_env.root / f"{name}.npy", np.random.default_rng(d).normal(size=(len(paths), d)))
+        (ens_env.root / f"{name}.txt").write_text("".join(f"{p.parent.name}/{p.name}\n" for p in paths))
+        files.append(FileMember.from_file(ens_env.root / f"{name}.npy"))
+    post = PostProcessing(whiten=True, whiten_power=0.5)
+    ens = Ensemble(files, post=post, whitening=fit_whitening_for([m.describe(paths)[0] for m in files], post))
+    calls = []
+    real = combine_mod.l2_normalize
+    for module in (members, model, whitening, cache, combine_mod):
+        monkeypatch.setattr(module, "l2_normalize", lambda x, *a, **kw: (calls.append(len(x)), real(x, *a, **kw))[1])
+    desc, ok = ens.describe(paths)
+    assert calls == [len(paths)] * 3  # member a, member b, the whitening
+    assert ok.all() and np.allclose(np.linalg.norm(desc, axis=1), 1.0, atol=1e-5)

@@ -89,3 +89,65 @@ def test_infer_returns_the_exact_nsml_format_and_never_a_duplicate(nsml_world, m
     monkeypatch.setattr(Ensemble, "rank", lambda self, q, r, top_k=1000, **kw: Ranking(broken, broken * 0.0))
     for _, (_, ranked) in nsml_local.infer(query_paths):
         assert len(ranked) == n_refs == len(set(ranked))
+
+
+def test_the_inference_path_does_each_thing_once(nsml_world, monkeypatch, tmp_path):
+    """Two local submissions in one process: the reference folder is listed once per run, the member's
+    config.json read once per run, each bundle file hashed once in all, the rankings checked once per run
+    (and never as names), and the cached tuning descriptors never read."""
+    from collections import Counter
+
+    import main
+    from backbones import checkpoint
+    from competition import data as data_mod
+    from competition import submission as submission_mod
+    from ensemble import bundle as bundle_mod
+    from ensemble import sealed
+    counts: Counter = Counter()
+
+    def count(module, attr, key):
+        real = getattr(module, attr)
+
+        def counted(*args, **kwargs):
+            counts[key(*args, **kwargs)] += 1
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, attr, counted)
+
+    reference_dir = nsml_world["data"] / REFERENCE_DIR
+    count(data_mod, "_sort_entries", lambda folder: "reference listing" if folder == reference_dir else "other")
+    count(checkpoint, "read_config", lambda run_dir: "config read")
+    count(sealed, "sha256_file", lambda path, *a: ("hash", str(path)))
+    count(submission_mod, "check_rankings", lambda *a: "rankings check")
+    count(main, "validate_submission", lambda *a, **kw: "names check")
+    count(bundle_mod, "_read_arrays", lambda root, rel, full=True: ("array read", rel.split("/")[0], full))
+    monkeypatch.setattr(sealed, "_DIGESTS", {})  # as if this process had never hashed the bundle
+    for run in (1, 2):
+        assert main.main(["--mode", "test", "--pause", "1", "--data", str(nsml_world["data"]), "--checkpoint",
+                          str(nsml_world["checkpoint"]), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+        assert (counts["reference listing"], counts["config read"], counts["rankings check"]) == (run, run, run)
+    bundle = nsml_world["checkpoint"] / "bundle"
+    listed = json.loads((bundle / "manifest.json").read_text())["files"]
+    assert {key[1] for key in counts if key[0] == "hash"} == {str(bundle / rel) for rel in listed}
+    assert all(n == 1 for key, n in counts.items() if key[0] == "hash")
+    assert counts["names check"] == 0 and counts[("array read", "descriptors", True)] == 0
+    assert counts[("array read", "descriptors", False)] == 2  # parsed at each load (header only): no pickle
+
+
+def test_a_loaded_checkpoint_answers_after_its_folder_is_deleted(nsml_world, tmp_path):
+    """NSML may delete the folder it handed to load(): the network is in memory by then, and nothing was copied."""
+    import shutil
+
+    import main
+    from competition import nsml_local
+    copy = tmp_path / "served"
+    shutil.copytree(nsml_world["checkpoint"], copy)
+    state = main.SessionState(str(nsml_world["data"]), top_k=1000, device="cpu")
+    main.bind_model(state)
+    nsml_local.load_path(copy)
+    assert state.bundle.path == copy / "bundle" and state._workdir is None   # read in place: no private copy
+    shutil.rmtree(copy)
+    query_paths = [str(p) for p in list_images(nsml_world["data"] / QUERY_DIR)]
+    result = nsml_local.infer(query_paths)
+    n_refs = len(list_images(nsml_world["data"] / REFERENCE_DIR))
+    assert [q for _, (q, _) in result] == [image_name(p) for p in query_paths]
+    assert all(len(set(ranked)) == len(ranked) == n_refs for _, (_, ranked) in result)

@@ -74,3 +74,24 @@ def test_only_labelled_queries_are_scored(world, capsys):
     assert scores["Recall@1"] == pytest.approx(0.5) and scores["n_query"] == 2
     assert json.loads((world.out / "scores.json").read_text()) == scores
     assert (world.out / "retrieval.png").is_file() and (world.out / "submission.csv").is_file()
+
+
+def test_an_out_folder_holding_other_files_is_refused_before_any_work(world):
+    from competition.cli import UserError
+    world.out.mkdir()
+    (world.out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"--out .*out: holds 1 entries main.py does not write \(e.g. \['notes.txt'"):
+        main.submit_locally(world.state, world.args)
+    assert world.calls == [] and [p.name for p in world.out.iterdir()] == ["notes.txt"]
+
+
+def test_a_new_result_replaces_the_whole_folder(world):
+    _labels(world, "query,q0,a\nquery,q1,a\nquery,q2,b\n"
+                   "reference,r0,a\nreference,r1,a\nreference,r2,b\nreference,r3,b\n")
+    main.submit_locally(world.state, world.args)
+    assert sorted(p.name for p in world.out.iterdir()) == sorted(main.OUTPUT_FILES)
+    (world.data / "test" / "labels.csv").unlink()
+    assert main.submit_locally(world.state, world.args) is None
+    # no scores.json or retrieval.png of the earlier run beside the new submission
+    assert sorted(p.name for p in world.out.iterdir()) == ["submission.csv", "submission.json"]
+    assert not [p for p in world.out.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
