@@ -65,8 +65,7 @@ from ensemble.combine import l2_normalize
 from ensemble.members import Member, member_from_spec
 from ensemble.model import Ensemble
 from ensemble.postprocess import PostProcessing, fit_whitening_for
-from ensemble.sealed import (RecoveryWarning, bad_key, file_digest, fsync, fsync_tree, locked, recover, replace_dir,
-                             scan)
+from ensemble.sealed import RecoveryWarning, bad_key, file_digest, fsync, fsync_tree, locked, recover, replace_dir, scan
 from ensemble.whitening import Whitening
 
 FORMAT_VERSION = 1

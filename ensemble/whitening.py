@@ -5,6 +5,11 @@ with U, lambda the top ``dim`` eigenvectors and eigenvalues of the training cova
 power = 0 is a plain PCA rotation/projection, power = 1 full whitening; the shrinkage
 keeps tiny eigenvalues from blowing up noise directions.
 
+The fit needs only the train descriptors' mean and covariance (``train_moments``, then
+``whitening_from_moments``): a tuner that tries many member weights keeps the moments of the
+unweighted concatenation and scales them, since weighting member m by sqrt(w_m) scales its
+rows and columns of the covariance by sqrt(w_m).
+
 The fit (``Whitening``: mean, components, eigenvalues, shrinkage) is what a bundle stores; the
 power and the kept dimension are applied at ``apply`` time (``PostProcessing.whiten_power`` and
 ``whiten_dim`` say which), so a tuner tries several without refitting. Bundles written when the
@@ -13,6 +18,7 @@ fit also stored a power still load: that stored value is ignored.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -79,22 +85,41 @@ class Whitening:
         )
 
 
-def fit_whitening(train_desc: np.ndarray, dim: int | None = None, shrinkage: float = 0.0) -> Whitening:
-    """Fit PCA-whitening on (n, d) train-class descriptors; ``dim`` defaults to min(n - 1, d)."""
-    x = np.asarray(train_desc, dtype=np.float64)
-    if x.ndim != 2 or len(x) < 2:
-        raise ValueError(f"need at least 2 training descriptors of shape (n, d), got {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError("training descriptors contain NaN or inf")
+def train_moments(parts: Sequence[np.ndarray], chunk: int = 8192) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mean (d,), covariance (d, d), n), float64, of the rows of ``parts`` laid side by side: (n, d_m)
+    arrays whose columns concatenate to d. Two passes in row chunks: no float64 copy of every row."""
+    n = len(parts[0])
+    if any(len(p) != n for p in parts):
+        raise ValueError(f"parts describe different numbers of rows: {[len(p) for p in parts]}")
+    if n < 2:
+        raise ValueError(f"need at least 2 training descriptors, got {n}")
+
+    def rows(s: int) -> np.ndarray:
+        x = np.concatenate([np.asarray(p[s:s + chunk], dtype=np.float64) for p in parts], axis=1)
+        if not np.isfinite(x).all():
+            raise ValueError("training descriptors contain NaN or inf")
+        return x
+
+    starts = range(0, n, chunk)
+    mean = sum(rows(s).sum(axis=0) for s in starts) / n
+    cov = np.zeros((len(mean), len(mean)))
+    for s in starts:
+        x = rows(s) - mean
+        cov += x.T @ x
+    return mean, cov / (n - 1), n
+
+
+def whitening_from_moments(mean: np.ndarray, cov: np.ndarray, n: int, dim: int | None = None,
+                           shrinkage: float = 0.0) -> Whitening:
+    """The PCA-whitening of train-class descriptors with this mean (d,), covariance (d, d) and count n;
+    ``dim`` defaults to min(n - 1, d)."""
     if shrinkage < 0:
         raise ValueError(f"shrinkage must be >= 0, got {shrinkage}")
-    n, d = x.shape
+    d = len(mean)
     max_dim = min(n - 1, d)
     dim = max_dim if dim is None else int(dim)
     if not 1 <= dim <= max_dim:
         raise ValueError(f"dim must be in [1, {max_dim}] for {n} descriptors of d={d}, got {dim}")
-    mean = x.mean(axis=0)
-    cov = np.cov(x - mean, rowvar=False, bias=False)
     eigenvalues, eigenvectors = np.linalg.eigh(cov)
     order = np.argsort(eigenvalues)[::-1][:dim]
     eigenvalues = np.maximum(eigenvalues[order], 0.0)
@@ -102,4 +127,12 @@ def fit_whitening(train_desc: np.ndarray, dim: int | None = None, shrinkage: flo
     # fix the sign so a refit on the same data gives the same arrays
     signs = np.sign(components[np.abs(components).argmax(axis=0), np.arange(dim)])
     components = components * np.where(signs == 0, 1.0, signs)[None, :]
-    return Whitening(mean.astype(np.float32), components.astype(np.float32), eigenvalues, shrinkage)
+    return Whitening(np.asarray(mean, np.float32), components.astype(np.float32), eigenvalues, shrinkage)
+
+
+def fit_whitening(train_desc: np.ndarray, dim: int | None = None, shrinkage: float = 0.0) -> Whitening:
+    """Fit PCA-whitening on (n, d) train-class descriptors; ``dim`` defaults to min(n - 1, d)."""
+    x = np.asarray(train_desc)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"need at least 2 training descriptors of shape (n, d), got {x.shape}")
+    return whitening_from_moments(*train_moments([x]), dim=dim, shrinkage=shrinkage)

@@ -125,3 +125,19 @@ def test_a_saturated_study_warns_and_says_what_to_change(tuning_heldout):
     assert not [w for w in split_warnings(big, [0.7, 0.8]) if "saturates" in w]
     saturated = [w for w in split_warnings(big, [0.5, 0.985]) if "saturates" in w]
     assert saturated and "--distractors all" in saturated[0] and "0.985" in saturated[0]
+
+
+def test_cached_whitening_from_scaled_moments_is_the_direct_fit(tuning_heldout):
+    """The cache's fit for any weights (one pass over the train rows, then scaled moments) whitens like a
+    direct fit on the weighted concatenation."""
+    from ensemble.combine import concatenate
+
+    cache = WhiteningCache(tuning_heldout.train)
+    for weights in ([1.0, 1.0], [0.9, 0.15], [0.05, 1.0]):
+        post = PostProcessing(weights=weights, whiten=True, whiten_shrinkage=0.1)
+        direct, cached = fit_whitening_for(tuning_heldout.train, post), cache.get(post)
+        x = concatenate(tuning_heldout.query, weights)
+        for dim, power in ((None, 1.0), (20, 0.5)):
+            assert np.allclose(cached.apply(x, power=power, dim=dim), direct.apply(x, power=power, dim=dim),
+                               atol=1e-4)
+        assert np.allclose(cached.eigenvalues, direct.eigenvalues, rtol=1e-5, atol=1e-9)  # float32 weighting

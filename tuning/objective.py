@@ -20,7 +20,7 @@ import optuna
 from competition.metrics import retrieval_scores
 from ensemble.combine import normalize_weights
 from ensemble.postprocess import PostProcessing, ensemble_descriptors, fit_whitening_for
-from ensemble.whitening import Whitening
+from ensemble.whitening import Whitening, train_moments, whitening_from_moments
 from rerank.pipeline import rerank
 from tuning.budget import TrialBudget
 from tuning.folds import FoldProblem
@@ -65,7 +65,13 @@ def evaluate(heldout: HeldoutSet, post: PostProcessing, k: int = 1000,
 
 
 class WhiteningCache:
-    """LRU cache of whitening fits keyed by (normalised weights rounded, shrinkage); thread-safe."""
+    """Whitening fits for any member weights from one pass over the train descriptors; thread-safe.
+
+    The mean and covariance of the unweighted concatenation of the members' train rows are computed
+    once (``ensemble.whitening.train_moments``); the fit for weights w scales them by sqrt(w_m) per
+    member block and takes one eigendecomposition (``whitening_from_moments``). Fits are kept in an LRU
+    keyed by (normalised weights rounded, shrinkage).
+    """
 
     def __init__(self, train: Sequence[np.ndarray], maxsize: int = 8, decimals: int = 4) -> None:
         self.train = list(train)
@@ -74,11 +80,19 @@ class WhiteningCache:
         self.hits = 0
         self.misses = 0
         self._fits: OrderedDict[tuple, Whitening] = OrderedDict()
+        self._moments: tuple[np.ndarray, np.ndarray, int] | None = None
         self._lock = threading.Lock()
 
     def key(self, post: PostProcessing) -> tuple:
         w = normalize_weights(post.weights, len(self.train))
         return tuple(np.round(w, self.decimals).tolist()), round(float(post.whiten_shrinkage), 6)
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """(mean, covariance, n) of the unweighted concatenation of the members' train rows (computed once)."""
+        with self._lock:
+            if self._moments is None:
+                self._moments = train_moments(self.train)
+            return self._moments
 
     def get(self, post: PostProcessing) -> Whitening | None:
         """Return the fit for ``post`` (None when whitening is off)."""
@@ -91,7 +105,11 @@ class WhiteningCache:
                 self._fits.move_to_end(key)
                 return self._fits[key]
             self.misses += 1
-        fit = fit_whitening_for(self.train, post)  # outside the lock: threads may fit in parallel
+        mean, cov, n = self.moments()
+        scale = np.concatenate([np.full(t.shape[1], np.sqrt(w)) for t, w in
+                                zip(self.train, normalize_weights(post.weights, len(self.train)))])
+        fit = whitening_from_moments(mean * scale, cov * np.outer(scale, scale), n,  # outside the lock:
+                                     shrinkage=post.whiten_shrinkage)                # threads may fit at once
         with self._lock:
             self._fits[key] = fit
             while len(self._fits) > self.maxsize:

@@ -164,7 +164,7 @@ def synth_settings() -> dict[str, Setting]:
 @functools.cache
 def train_settings() -> dict[str, Setting]:
     """The member and ``[defaults]`` keys: every training option but the ones the recipe sets."""
-    from backbones.config import option_settings   # (imported on first use: it brings torch)
+    from backbones.config import option_settings  # (imported on first use: it brings torch)
     return {k: v for k, v in option_settings().items() if k not in RECIPE_ONLY}
 
 
@@ -286,7 +286,7 @@ def load_recipe(path: str | Path) -> RecipeConfig:
 def _add_member(cfg: RecipeConfig, table: dict, i: int, base: Path, at: Callable[..., str],
                 problems: list[str]) -> None:
     """Append the member of a ``[[members]]`` table (the i-th) to ``cfg`` and store its keys."""
-    name, arch = table.get("name"), table.get("arch")
+    name = table.get("name")
     label = name if isinstance(name, str) and name else f"#{i + 1}"
     bad = [k for k in ("name", "arch") if not isinstance(table.get(k), str) or not table[k]]
     for key in bad:

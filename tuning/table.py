@@ -2,8 +2,9 @@
 
 Rows: each member alone, the ensemble with equal weights, + PCA-whitening, + DBA/aQE,
 + k-reciprocal with default parameters, or + diffusion with default parameters instead, the
-tuned post-processing, and (when the recipe refits) the refit checkpoint. Scores are mAP@k and Recall@1 as ``tuning.objective.evaluate``
-computes them; a row's ``heldout`` or ``test`` is None where it cannot be scored honestly.
+tuned post-processing, and (when the recipe refits) the refit checkpoint. Scores are mAP@k and
+Recall@1 as ``tuning.objective.evaluate`` computes them; a row's ``heldout`` or ``test`` is None
+where it cannot be scored honestly.
 """
 from __future__ import annotations
 
