@@ -40,9 +40,7 @@ from competition.cli import ArgumentParser, UserError, number, run_command
 from competition.data import QUERY_DIR, REFERENCE_DIR, image_name, list_images, read_labels
 from competition.fileio import atomic_write_json, copy_file, make_dirs
 from competition.metrics import file_keys
-from competition.submission import (Submission, build_submission, score_rankings, validate_submission,
-                                    write_submission)
-
+from competition.submission import Submission, build_submission, score_rankings, validate_submission, write_submission
 
 OUTPUT_FILES = ("submission.json", "submission.csv", "scores.json", "retrieval.png")
 

@@ -120,9 +120,15 @@ def _hub_problem(text: str, arch: str) -> str | None:
     from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    from backbones.pretrained import (HUB_PREFIX, HUB_WEIGHT_FILES, PROBE_TIMEOUT_S, find_weights, hub_cache_dir,
-                                      hub_offline)
-    from backbones.pretrained import _unavailable   # the one wording of "cannot be had" (same package)
+    from backbones.pretrained import (
+        HUB_PREFIX,
+        HUB_WEIGHT_FILES,
+        PROBE_TIMEOUT_S,
+        _unavailable,  # the one wording of "cannot be had" (same package)
+        find_weights,
+        hub_cache_dir,
+        hub_offline,
+    )
     if text.startswith(HUB_PREFIX):
         repo, _, revision = text[len(HUB_PREFIX):].partition("@")
         if repo.count("/") != 1 or not all(repo.split("/")):

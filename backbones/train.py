@@ -48,8 +48,8 @@ from backbones.distributed import EpochMeter, barrier, dist_setup, wrap_ddp
 from backbones.extract import autocast_dtype, extract_descriptors, runtime_line, search_scores
 from backbones.heads import MetricLoss, make_head
 from backbones.model import RetrievalNet, build_model
-from backbones.preflight import preflight
 from backbones.optim import param_groups, schedules
+from backbones.preflight import preflight
 from backbones.run_state import TrainRun, resume, save_last
 from backbones.sampler import PKSampler
 from backbones.transforms import AugmentConfig, TrainDataset, train_collate, train_transform

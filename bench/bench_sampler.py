@@ -43,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     members = [f"m{i}" for i in range(args.members)]
-    print(f"| sampler | storage | trials | s/trial (all) | s/trial (last 50) |\n|---|---|---|---|---|")
+    print("| sampler | storage | trials | s/trial (all) | s/trial (last 50) |\n|---|---|---|---|---|")
     for name, sampler in (("TPESampler(seed=0)", optuna.samplers.TPESampler(seed=0)),
                           ("ReproducibleSampler(0)", ReproducibleSampler(0))):
         with tempfile.TemporaryDirectory() as tmp:

@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from competition.cli import run_command
-from tuning.search import SearchConfig, main, tuning_dir
+from tuning.search import main, tuning_dir
 from tuning.tensorboard import choice_table, flat_parameters
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
