@@ -95,6 +95,8 @@ def member_options(cfg: RecipeConfig, i: int, data: Path, out: Path, split: Held
     spec = cfg.members[i]
     opts = {"workers": cfg.workers, "device": cfg.devices[i % len(cfg.devices)], "seed": cfg.seed + i, "k": cfg.k,
             **spec.train_options(cfg.defaults), "data": str(Path(data).resolve()), "out": str(out.resolve())}
+    if cfg.tensorboard and not opts.get("tensorboard"):   # DIR/members/<name>, DIR/refit-members/<name>
+        opts["tensorboard"] = str((Path(cfg.tensorboard) / out.parent.name).resolve())
     if split is None:
         opts.update(split=None, heldout_fraction=0.0)
     else:
@@ -225,21 +227,23 @@ def build_step(cfg: RecipeConfig, data: Path, members: dict[str, dict], name: st
 
 def tune_step(cfg: RecipeConfig, bundle_dir: Path) -> None:
     """Run (or resume, or extend) the tuning study on the bundle; a study of another configuration restarts."""
-    from tuning.search import SearchConfig, tune_bundle
+    from tuning.search import SearchConfig, study_settings, tune_bundle
     if cfg.trials <= 0:
         return
     step = StepRecord.of(cfg.out, "tuning")
+    search = SearchConfig(n_trials=cfg.trials, seed=cfg.seed, k=cfg.k, distractors=cfg.distractors,
+                          heldout_remedy="heldout = 0.4 in the recipe",
+                          tensorboard=str(Path(cfg.tensorboard) / "tuning") if cfg.tensorboard else None)
     study_config = {"bundle": StepRecord.of(cfg.out, "bundle").info().get("id"), "k": cfg.k, "seed": cfg.seed,
-                    "storage": cfg.storage, "distractors": cfg.distractors}
+                    "storage": cfg.storage, "distractors": cfg.distractors, "study": study_settings(search)}
     if step.changes({**study_config, "trials": cfg.trials}) == []:
         return
-    result = tune_bundle(bundle_dir, SearchConfig(n_trials=cfg.trials, seed=cfg.seed, k=cfg.k,
-                                                  distractors=cfg.distractors),
-                         storage=cfg.storage or None, study_name=f"postprocessing-{config_hash(study_config)}")
+    result = tune_bundle(bundle_dir, search, storage=cfg.storage or None,
+                         study_name=f"postprocessing-{config_hash(study_config)}")
     step.finish({**study_config, "trials": cfg.trials}, best=result.best_value)
-    say(f"tuned, {result.rate_line()}: held-out search half mAP@{cfg.k} {result.best_value:.4f} "
-        f"(defaults {result.defaults_value:.4f}); check half {result.check_best['map_at_k']:.4f} "
-        f"(defaults {result.check_defaults['map_at_k']:.4f})")
+    say(f"tuned, {result.rate_line()}: held-out study mAP@{cfg.k} {result.best_value:.4f} "
+        f"(defaults {result.defaults_value:.4f}); check classes {result.check_best['map_at_k']:.4f} "
+        f"(defaults {result.check_defaults['map_at_k']:.4f}); final choice: {result.final['verdict']}")
 
 
 def refit_step(cfg: RecipeConfig, data: Path, split: HeldoutSplit, bundle_dir: Path) -> Path:

@@ -12,6 +12,7 @@
     parallel = 1           # members trained at once, each in its own process and log
     workers = 0            # DataLoader workers of every member
     refit = false          # after tuning, retrain every member on all train classes
+    tensorboard = ""       # a folder: every member's curves and the study, for `tensorboard --logdir`
     [synth]                # the generated dataset, when data = "" (competition.synth.SynthConfig fields)
     [defaults]             # training options every member starts from (any backbones.train option)
     [[members]]            # one table per member: name, arch, flip, and any backbones.train option
@@ -48,7 +49,7 @@ from tuning.heldout import parse_distractors
 RECIPE_FILE = "recipe.toml"       # the resolved copy a run folder keeps
 RECIPE_ONLY = ("data", "out", "split", "resume", "seed")   # training options the recipe sets itself
 TABLES = ("synth", "defaults", "members")
-PATH_KEYS = ("data", "storage", "out", "pretrained")       # resolved against the file's (or working) folder
+PATH_KEYS = ("data", "storage", "out", "pretrained", "tensorboard")   # relative to the file's (or working) folder
 MEMBER_ONLY = {
     "name": Setting(str, help="the member's folder and its name in the ensemble"),
     "flip": Setting(bool, help="the bundle extracts this member with flip TTA"),
@@ -105,6 +106,8 @@ class RecipeConfig:
     parallel: int = setting(1, "members trained at once, each in its own process and log", 1, 64)
     workers: int = setting(0, "DataLoader workers of every member", 0, 256)
     refit: bool = setting(False, "after tuning, retrain every member on all train classes")
+    tensorboard: str = setting("", 'TensorBoard folder for every step: the members\' curves (DIR/members/NAME, '
+                               'DIR/refit-members/NAME) and the study (DIR/tuning); "" = none')
     synth: dict = field(default_factory=lambda: dict(DEMO_SYNTH))
     defaults: dict = field(default_factory=dict)
     members: list[MemberSpec] = field(default_factory=list)

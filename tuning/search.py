@@ -64,8 +64,8 @@ from tuning.tensorboard import StudyBoard, require_tensorboard, write_choice
 from tuning.workers import DEFAULTS_ATTR, check_storage_url, is_stale, open_storage, recover_stale_trials
 
 __all__ = ["SearchConfig", "SearchResult", "distractor_count", "is_stale", "main", "open_storage",
-           "recover_stale_trials", "run_search", "search_space", "split_halves", "split_warnings", "tune_bundle",
-           "tuning_dir", "tuning_problems"]
+           "recover_stale_trials", "run_search", "search_space", "split_halves", "split_warnings", "study_settings",
+           "tune_bundle", "tuning_dir", "tuning_problems"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,15 @@ class SearchConfig:
     spread_weight: float = 0.0     # final choice: mean over folds minus this times their spread
     tensorboard: str | None = None  # a folder: each completed trial's value and the best so far, then the choice
     heldout_remedy: str = "--heldout-fraction 0.4"   # how the caller holds out more classes (split warnings)
+
+
+def study_settings(config: SearchConfig) -> dict[str, Any]:
+    """What a study's trials and choice depend on beyond the bundle, k, seed, storage and distractors: a
+    recipe re-runs its tuning step when one of these changes."""
+    return {"objective": config.objective, "n_folds": config.n_folds, "check_share": config.check_share,
+            "size_space": config.size_space, "max_study_images": config.max_study_images,
+            "final_top": config.final_top, "spread_weight": config.spread_weight, "split_seed": config.split_seed,
+            "space": asdict(config.space)}
 
 
 MIN_SEARCH_QUERIES = 20   # fewer held-out queries in the search half: its mAP is too noisy to tune on
