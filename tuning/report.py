@@ -124,7 +124,7 @@ def blocks(s: dict[str, Any]) -> list[tuple]:
             ("table", ["", f"study {m}", f"check classes {m}", "check classes Recall@1"],
              [["defaults", _cell(s["defaults_value"], m), _cell(s["check_defaults"][m], m),
                _cell(s["check_defaults"]["Recall@1"], m)],
-              [f"chosen (trial {s['best_trial']})", _cell(s["best_value"], m), _cell(s["check_best"][m], m),
+              [f"best (trial {s['best_trial']})", _cell(s["best_value"], m), _cell(s["check_best"][m], m),
                _cell(s["check_best"]["Recall@1"], m)],
               ["gain", f"{s['gain_search']:+.4f}", f"{s['gain_check']:+.4f}", ""]])]
     out += _final_blocks(s.get("final"), m) + _space_blocks(s.get("space"))
