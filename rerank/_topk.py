@@ -7,19 +7,20 @@ itself: split its entries into at least ``4k`` groups; the k-th largest group ma
 is a score that k distinct entries reach, so nothing below it can be in the top k (for
 scores in no particular order about ``1.2 k`` entries pass).
 
-Survivors wait in a buffer, then go to their rows: each row keeps ``k + spare`` slots,
-and survivors fill its spare slots until they run out; only then is the row cut back
-to its top k (``argpartition``) and its ``kth`` raised. So a selection over ``k +
-spare`` entries is paid once per ``spare`` survivors, not once per merge.
+Survivors go to their rows at once: each row keeps ``k + spare`` slots, and survivors
+fill its spare slots until they run out; only then is the row cut back to its top k
+(``argpartition``) and its ``kth`` raised. So a selection over ``k + spare`` entries is
+paid once per ``spare`` survivors, not once per tile.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
 __all__ = ["TopK", "kth_bound"]
 
-_PENDING = 1 << 22         # survivors buffered before they go to their rows
 _MERGE_ENTRIES = 1 << 22   # (row, slot) entries per merge buffer (~50 MB)
 
 
@@ -45,28 +46,31 @@ class TopK:
     """The ``k`` largest scores seen so far of each of ``n_rows`` rows, with their ids.
 
     ``spare`` extra slots per row make merges cheap where rows get few survivors at a
-    time (memory: ``n_rows * (k + spare) * 12`` bytes). Call :meth:`sorted` (or
-    :meth:`unordered`) at the end: (n_rows, k) scores (``-inf`` / id ``-1`` where a row
-    saw fewer than k). Scores equal at the k-th place are kept in no guaranteed order.
+    time (memory: ``n_rows * (k + spare) * 8`` bytes; ids are int32). Tiles may be offered
+    from several threads. Call :meth:`sorted` (or :meth:`unordered`) at the end: (n_rows,
+    k) scores (``-inf`` / id ``-1`` where a row saw fewer than k). Scores equal at the
+    k-th place are kept in no guaranteed order.
     """
 
     def __init__(self, n_rows: int, k: int, spare: int = 0) -> None:
         self.k = k
         self.val = np.full((n_rows, k + spare), -np.inf, dtype=np.float32)
-        self.ids = np.full((n_rows, k + spare), -1, dtype=np.int64)
+        self.ids = np.full((n_rows, k + spare), -1, dtype=np.int32)
         self.fill = np.zeros(n_rows, dtype=np.int64)        # slots in use
         self.kth = np.full(n_rows, -np.inf, dtype=np.float32)
-        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self._n_pending = 0
+        self._lock = threading.Lock()   # merges from several threads (reads of kth need none)
 
-    def add_rows(self, row0: int, scores: np.ndarray, id0: int) -> None:
-        """Offer ``scores`` (b, m): entry (i, j) is a candidate of row ``row0 + i`` with id ``id0 + j``."""
+    def add_rows(self, row0: int, scores: np.ndarray, id0: int, bound: bool = False) -> None:
+        """Offer ``scores`` (b, m): entry (i, j) is a candidate of row ``row0 + i`` with id ``id0 + j``.
+        ``bound``: also filter by the tile's own bound on every row's k-th score (one more
+        fast pass; worth it where the rows' k-th scores are still weak)."""
         b, m = scores.shape
         thr = self.kth[row0:row0 + b]
-        if np.isneginf(thr).any():
+        if bound or np.isneginf(thr).any():
             thr = np.maximum(thr, kth_bound(scores, self.k, axis=1))
         flat = np.flatnonzero(scores >= thr[:, None])
-        self._offer(row0 + flat // m, id0 + flat % m, scores.ravel()[flat])
+        if flat.size:
+            self._merge(row0 + flat // m, id0 + flat % m, scores.ravel()[flat])
 
     def add_columns(self, row0: int, scores: np.ndarray, id0: int) -> None:
         """Offer ``scores`` (b, m) by column: entry (i, j) is a candidate of row ``row0 + j`` with
@@ -76,36 +80,32 @@ class TopK:
         if np.isneginf(thr).any():
             thr = np.maximum(thr, kth_bound(scores, self.k, axis=0))
         flat = np.flatnonzero(scores >= thr[None, :])
-        self._offer(row0 + flat % m, id0 + flat // m, scores.ravel()[flat])
+        if flat.size:
+            col = flat % m
+            # group by column; a radix sort where the columns fit 16 bits
+            by_col = np.argsort(col.astype(np.uint16), kind="stable") if m <= 1 << 16 else np.argsort(col)
+            flat = flat[by_col]
+            self._merge(row0 + col[by_col], id0 + flat // m, scores.ravel()[flat])
 
-    def _offer(self, rows: np.ndarray, ids: np.ndarray, vals: np.ndarray) -> None:
-        if rows.size:
-            self._pending.append((rows, ids, vals))
-            self._n_pending += rows.size
-            if self._n_pending >= _PENDING:
-                self.flush()
+    def _merge(self, rows: np.ndarray, ids: np.ndarray, vals: np.ndarray) -> None:
+        """Give the candidates (``rows`` ascending) to their rows: into free slots where they
+        fit (rows then full are cut back to their top k), else through a wide merge."""
+        with self._lock:
+            self._merge_locked(rows, ids, vals)
 
-    def flush(self) -> None:
-        """Send the buffered survivors to their rows."""
-        if not self._pending:
-            return
-        rows, ids, vals = (np.concatenate(parts) for parts in zip(*self._pending))
-        self._pending, self._n_pending = [], 0
-        if np.any(rows[1:] < rows[:-1]):            # group by row (order within a row is free)
-            by_row = np.argsort(rows)
-            rows, ids, vals = rows[by_row], ids[by_row], vals[by_row]
+    def _merge_locked(self, rows: np.ndarray, ids: np.ndarray, vals: np.ndarray) -> None:
         starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
         counts = np.diff(np.r_[starts, rows.size])
         uniq = rows[starts]
         fits = self.fill[uniq] + counts <= self.val.shape[1]
         if not fits.all():
             self._merge_wide(uniq[~fits], starts[~fits], counts[~fits], ids, vals)
-        uniq, starts, counts = uniq[fits], starts[fits], counts[fits]
-        take = np.repeat(starts, counts) + _ranks(counts)
-        owner = np.repeat(uniq, counts)
-        slot = np.repeat(self.fill[uniq], counts) + _ranks(counts)
-        self.val[owner, slot] = vals[take]
-        self.ids[owner, slot] = ids[take]
+            keep = np.repeat(fits, counts)
+            rows, ids, vals = rows[keep], ids[keep], vals[keep]
+            uniq, counts = uniq[fits], counts[fits]
+        slot = self.fill[rows] + _ranks(counts)
+        self.val[rows, slot] = vals
+        self.ids[rows, slot] = ids
         self.fill[uniq] += counts
         full = uniq[(self.fill[uniq] == self.val.shape[1]) | (np.isneginf(self.kth[uniq])
                                                                  & (self.fill[uniq] >= self.k))]
@@ -145,7 +145,7 @@ class TopK:
             rows = uniq[members]
             kept = cap if self.fill[rows].any() else 0   # rows holding nothing yet: survivors only
             buf_v = np.full((rows.size, max(self.k, kept + int(size.max()))), -np.inf, dtype=np.float32)
-            buf_i = np.full(buf_v.shape, -1, dtype=np.int64)
+            buf_i = np.full(buf_v.shape, -1, dtype=np.int32)
             if kept:
                 buf_v[:, :cap], buf_i[:, :cap] = self.val[rows], self.ids[rows]
             owner = np.repeat(np.arange(rows.size), size)
@@ -156,15 +156,14 @@ class TopK:
             group += n_rows
 
     def unordered(self) -> tuple[np.ndarray, np.ndarray]:
-        """Returns (scores (n_rows, k) float32, ids (n_rows, k) int64), in no particular order."""
-        self.flush()
+        """Returns (scores (n_rows, k) float32, ids (n_rows, k) int32), in no particular order."""
         over = np.flatnonzero(self.fill > self.k)
         if over.size:
             self._cut(over)
         return self.val[:, :self.k], self.ids[:, :self.k]
 
     def sorted(self) -> tuple[np.ndarray, np.ndarray]:
-        """Returns (scores (n_rows, k) float32 descending, ids (n_rows, k) int64)."""
+        """Returns (scores (n_rows, k) float32 descending, ids (n_rows, k) int32)."""
         val, ids = self.unordered()
         order = np.argsort(-val, axis=1)
         return np.take_along_axis(val, order, axis=1), np.take_along_axis(ids, order, axis=1)

@@ -20,13 +20,14 @@ Inputs are trusted here: float32 C-contiguous unit rows (see :mod:`rerank._check
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
-from tqdm.auto import tqdm
 
-from ._checks import check_count, check_pair, progress_enabled
+from ._checks import check_count, check_stacked, progress_enabled
+from ._parallel import blas_threads, run_blocks
 from ._topk import TopK
 from .search import build_index, faiss_device, search_index
 
@@ -44,12 +45,13 @@ _SPARE_MAX = 256          # spare slots per kNN list row (see rerank._topk)
 class NeighbourGraph:
     """kNN lists of all query and reference rows; build it with :func:`neighbour_graph`.
 
-    ``ip``/``nbr`` (N, width) float32 / int64: each row's nearest rows, inner product
-    descending (``width = min(depth + 8, N)``); ``query_ip``/``query_nbr`` (nq, query_width)
-    the same for query rows, deeper; ``ref_ip``/``ref_idx`` (nq, min(ref_depth, nr)): each
-    query's nearest references (indices into the references), unordered; ``far`` (N,)
-    int64 the farthest row; ``sq`` (N,) float64 squared norms; ``rowmax`` (N,) float64
-    ``||x_i - x_far||^2``; ``desc`` (N, d) float32 the rows themselves.
+    ``ip``/``nbr`` (N, width) float32 / int32: each row's nearest rows, inner product
+    descending (``width = min(depth + 8, N)``); ``query_ip``/``query_nbr`` (nq,
+    query_width) the same for query rows, deeper; ``ref_ip``/``ref_idx`` (nq,
+    min(ref_depth, nr)) float32 / int32: each query's nearest references (indices into
+    the references), unordered; ``far`` (N,) int64 the farthest row; ``sq`` (N,) float64
+    squared norms; ``rowmax`` (N,) float64 ``||x_i - x_far||^2``; ``desc`` (N, d) float32
+    the rows themselves (queries first).
     """
 
     n_query: int
@@ -82,20 +84,18 @@ class NeighbourGraph:
         entries around position ``bound`` are re-checked in float64, where needed."""
         return _refine_window(self.desc, self.sq, self.query_ip, self.query_nbr, k, bound)
 
-    def check(self, query: np.ndarray, ref: np.ndarray, who: str, depth: int = 0,
-              query_depth: int = 0, ref_depth: int = 0) -> None:
-        """``ValueError`` unless this graph was built from ``query``/``ref`` (validated float32
-        rows: shapes and a sample of rows compared) and is as deep as ``who`` needs."""
-        nq, nr = self.n_query, self.n_ref
-        if query.shape != (nq, self.desc.shape[1]) or ref.shape != (nr, self.desc.shape[1]):
-            raise ValueError(f"{who}: graph was built for {nq} queries + {nr} references of d="
-                             f"{self.desc.shape[1]}, got {query.shape} and {ref.shape}")
-        rows = np.unique(np.linspace(0, nq + nr - 1, min(_SAMPLE_ROWS, nq + nr)).astype(np.int64))
-        mine = np.concatenate([query[rows[rows < nq]], ref[rows[rows >= nq] - nq]])
-        if not np.array_equal(mine, self.desc[rows]):
+    def check(self, X: np.ndarray, nq: int, who: str, depth: int = 0, query_depth: int = 0,
+              ref_depth: int = 0) -> None:
+        """``ValueError`` unless this graph was built from the stacked rows ``X`` (nq queries
+        first; shapes and a sample of rows compared) and is as deep as ``who`` needs."""
+        n, nr = X.shape[0], X.shape[0] - nq
+        if X.shape != self.desc.shape or nq != self.n_query:
+            raise ValueError(f"{who}: graph was built for {self.n_query} queries + {self.n_ref} references "
+                             f"of d={self.desc.shape[1]}, got {nq} + {nr} of d={X.shape[1]}")
+        rows = np.unique(np.linspace(0, n - 1, min(_SAMPLE_ROWS, n)).astype(np.int64))
+        if not np.array_equal(X[rows], self.desc[rows]):
             raise ValueError(f"{who}: graph was built from other descriptors than the ones given "
                              "(build it from the same query_desc/ref_desc)")
-        n = nq + nr
         for have, need, name in [(self.depth, min(depth, n), "depth"),
                                  (self.query_depth, min(query_depth, n), "query_depth"),
                                  (self.ref_depth, min(ref_depth, nr), "ref_depth")]:
@@ -105,40 +105,44 @@ class NeighbourGraph:
 
 def neighbour_graph(query_desc: np.ndarray, ref_desc: np.ndarray, depth: int, device: str = "cpu", *,
                     query_depth: int | None = None, ref_depth: int = 1000, progress: bool | None = None,
-                    fused: bool = True, gemm_block: int = 1024, batch_size: int = 4096) -> NeighbourGraph:
+                    fused: bool = True, gemm_block: int = 1024, batch_size: int = 4096,
+                    workers: int | None = None) -> NeighbourGraph:
     """Build the :class:`NeighbourGraph` of ``query_desc`` (nq, d) and ``ref_desc`` (nr, d).
 
     ``depth`` nearest rows per row (all N rows; a row counts as its own nearest),
     ``query_depth`` (default ``depth``) per query row, ``ref_depth`` nearest references
-    per query; each is clamped to what the set holds. Which depths a re-ranker needs: ``k_reciprocal`` ``depth >= max(k1 + 1,
-    k2)``, ``ref_depth >= top_k``; ``diffusion`` ``depth >= k + 1``, ``query_depth >=
-    truncate + 1``, ``ref_depth >= top_k``. ``device`` runs the search (faiss GPU
-    indexes where ``"cuda"``); ``fused=False`` uses faiss index searches on the CPU too;
-    ``gemm_block`` rows per GEMM of the CPU pass (score tiles are 32 MB);
-    ``batch_size`` the faiss query batch. Results do not depend on them.
+    per query; each is clamped to what the set holds. What the re-rankers read:
+    ``k_reciprocal`` ``depth >= max(k1 + 1, k2)``, ``ref_depth >= top_k``;
+    ``diffusion`` ``depth >= k + 1``, ``query_depth >= truncate + 1``, ``ref_depth >=
+    top_k``. ``device`` runs the search (faiss GPU indexes where ``"cuda"``);
+    ``fused=False`` uses faiss index searches on the CPU too; ``gemm_block`` rows per
+    GEMM of the CPU pass (score tiles are 32 MB); ``batch_size`` the faiss query batch;
+    ``workers`` threads of the CPU pass (default: as many as BLAS uses). Results do not
+    depend on them.
     """
-    q, r = check_pair(query_desc, ref_desc)
-    n = q.shape[0] + r.shape[0]
+    X, nq = check_stacked(query_desc, ref_desc)
+    n = X.shape[0]
     depth = check_count(depth, "depth", 1)
     query_depth = depth if query_depth is None else check_count(query_depth, "query_depth", 1)
     ref_depth = check_count(ref_depth, "ref_depth", 1)
-    return build_graph(q, r, min(depth, n), min(max(query_depth, depth), n),
-                       min(ref_depth, r.shape[0]), faiss_device(device), progress_enabled(progress),
-                       fused=fused, gemm_block=check_count(gemm_block, "gemm_block", 1),
-                       batch_size=check_count(batch_size, "batch_size", 1))
+    return build_graph(X, nq, min(depth, n), min(max(query_depth, depth), n), min(ref_depth, n - nq),
+                       faiss_device(device), progress_enabled(progress), fused=fused,
+                       gemm_block=check_count(gemm_block, "gemm_block", 1),
+                       batch_size=check_count(batch_size, "batch_size", 1),
+                       workers=blas_threads() if workers is None else check_count(workers, "workers", 1))
 
 
-def build_graph(q: np.ndarray, r: np.ndarray, depth: int, query_depth: int, ref_depth: int, dev: str,
-                show: bool, fused: bool = True, gemm_block: int = 1024,
-                batch_size: int = 4096) -> NeighbourGraph:
-    """:func:`neighbour_graph` on validated unit rows, a resolved device and valid depths."""
-    nq = q.shape[0]
-    X = np.concatenate([q, r])
+def build_graph(X: np.ndarray, nq: int, depth: int, query_depth: int, ref_depth: int, dev: str,
+                show: bool = False, fused: bool = True, gemm_block: int = 1024, batch_size: int = 4096,
+                workers: int | None = None) -> NeighbourGraph:
+    """:func:`neighbour_graph` of stacked, validated unit rows ``X`` (queries first, kept by
+    the graph, not copied), a resolved device and valid depths."""
     n = X.shape[0]
     sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
     width, query_width = min(depth + SLACK, n), min(query_depth + SLACK, n)
     if dev == "cpu" and fused:
-        lists = _graph_fused(X, nq, width, query_width, ref_depth, gemm_block, show)
+        lists = _graph_fused(X, nq, width, query_width, ref_depth, gemm_block, show,
+                             blas_threads() if workers is None else workers)
     else:
         lists = _graph_searched(X, nq, width, query_width, ref_depth, dev, batch_size, show)
     ip, nbr, query_ip, query_nbr, ref_ip, ref_idx, far = lists
@@ -186,16 +190,18 @@ class _Farthest:
         self.low = np.full(n, np.inf, dtype=np.float32)
         self.chunk = np.zeros(n, dtype=np.int64)   # the minimum's id, or its chunk's first id
         self.exact = np.zeros(n, dtype=bool)       # chunk holds the id itself
+        self._lock = threading.Lock()
 
     def add_rows(self, row0: int, scores: np.ndarray, id0: int) -> None:
         """Rows ``row0 + i`` meet ids ``id0 + j``: their minimum, exactly (argmin is fast along rows)."""
         rows = slice(row0, row0 + scores.shape[0])
         best = scores.argmin(axis=1)
         val = scores[np.arange(scores.shape[0]), best]
-        better = val < self.low[rows]
-        self.low[rows] = np.where(better, val, self.low[rows])
-        self.chunk[rows] = np.where(better, id0 + best, self.chunk[rows])
-        self.exact[rows] |= better
+        with self._lock:
+            better = val < self.low[rows]
+            self.low[rows] = np.where(better, val, self.low[rows])
+            self.chunk[rows] = np.where(better, id0 + best, self.chunk[rows])
+            self.exact[rows] |= better
 
     def add_columns(self, row0: int, scores: np.ndarray, id0: int) -> None:
         """Rows ``row0 + j`` meet ids ``id0 + i``: the minimum of each run of _FAR_CHUNK ids."""
@@ -208,10 +214,11 @@ class _Farthest:
         rows = slice(row0, row0 + scores.shape[1])
         best = minima.argmin(axis=1)
         val = minima[np.arange(minima.shape[0]), best]
-        better = val < self.low[rows]
-        self.low[rows] = np.where(better, val, self.low[rows])
-        self.chunk[rows] = np.where(better, id0 + best * _FAR_CHUNK, self.chunk[rows])
-        self.exact[rows] &= ~better
+        with self._lock:
+            better = val < self.low[rows]
+            self.low[rows] = np.where(better, val, self.low[rows])
+            self.chunk[rows] = np.where(better, id0 + best * _FAR_CHUNK, self.chunk[rows])
+            self.exact[rows] &= ~better
 
     def rows(self, X: np.ndarray) -> np.ndarray:
         """(N,) int64 the farthest row of every row (one small GEMM per chunk)."""
@@ -226,30 +233,31 @@ class _Farthest:
 
 
 def _graph_fused(X: np.ndarray, nq: int, width: int, query_width: int, ref_width: int, block: int,
-                 progress: bool) -> tuple[np.ndarray, ...]:
+                 progress: bool, workers: int) -> tuple[np.ndarray, ...]:
     """The lists of :class:`NeighbourGraph` from one blocked GEMM over the upper triangle of
-    X X^T (CPU). Each score tile (rows s:e, columns t0:t1 >= s) is offered to the rows'
-    lists directly and, past the diagonal block, to the columns' lists as mirrored
-    candidates (:meth:`TopK.add_columns`): half the GEMM of a search, no transposes. A
-    query block meets all references in one tile (its reference list sees them at once).
+    X X^T (CPU), row blocks on ``workers`` threads. Each score tile (rows s:e, columns
+    t0:t1 >= s) is offered to the rows' lists directly and, past the diagonal block, to
+    the columns' lists as mirrored candidates (:meth:`TopK.add_columns`): half the GEMM
+    of a search, no transposes. A query block meets all references in one tile (its
+    reference list sees them at once).
 
     Returns ``(ip, nbr, query_ip, query_nbr, ref_ip, ref_idx, far)`` (see the class).
     """
     n = X.shape[0]
     query_k = max(width, query_width)
-    query_lists = TopK(nq, query_k, spare=min(query_k, _SPARE_MAX))
-    ref_row_lists = TopK(n - nq, width, spare=min(width, _SPARE_MAX))
+    query_lists = TopK(nq, query_k, spare=min(2 * query_k, _SPARE_MAX))
+    ref_row_lists = TopK(n - nq, width, spare=min(2 * width, _SPARE_MAX))
     ref_lists = TopK(nq, ref_width)
     farthest = _Farthest(n)
-    query_block = max(1, min(block, _TILE_ENTRIES // (n - nq)))
-    row_spans = _spans(0, nq, query_block, nq) + _spans(nq, n, block, nq)
-    for s, e in tqdm(row_spans, desc="graph: kNN", disable=not progress, leave=False):
-        rows_lists, base = (query_lists, 0) if s < nq else (ref_row_lists, nq)
-        query_lists.flush()                           # fresh k-th scores: fewer survivors
-        ref_row_lists.flush()
+
+    def lists_of(row: int) -> tuple[TopK, int]:   # the lists holding ``row``, and their first row
+        return (query_lists, 0) if row < nq else (ref_row_lists, nq)
+
+    def row_block(span: tuple[int, int]) -> None:
+        s, e = span
+        rows_lists, base = lists_of(s)
         tile = max(1, _TILE_ENTRIES // (e - s))
-        col_spans = _spans(s, nq, tile, nq) + ([(nq, n)] if s < nq else _spans(s, n, tile, nq))
-        for t0, t1 in col_spans:
+        for t0, t1 in _spans(s, nq, tile, nq) + ([(nq, n)] if s < nq else _spans(s, n, tile, nq)):
             scores = X[s:e] @ X[t0:t1].T
             rows_lists.add_rows(s - base, scores, t0)
             farthest.add_rows(s, scores, t0)
@@ -257,10 +265,14 @@ def _graph_fused(X: np.ndarray, nq: int, width: int, query_width: int, ref_width
                 ref_lists.add_rows(s, scores, t0 - nq)
             m0 = max(t0, e) - t0                      # mirrored part: columns at or past e
             if m0 < t1 - t0:
-                mirrored = scores[:, m0:]
-                cols_lists, cbase = (query_lists, 0) if t0 < nq else (ref_row_lists, nq)
-                cols_lists.add_columns(t0 + m0 - cbase, mirrored, s)
-                farthest.add_columns(t0 + m0, mirrored, s)
+                cols_lists, cbase = lists_of(t0)
+                cols_lists.add_columns(t0 + m0 - cbase, scores[:, m0:], s)
+                farthest.add_columns(t0 + m0, scores[:, m0:], s)
+
+    query_block = max(1, min(block, _TILE_ENTRIES // (n - nq)))
+    spans = _spans(0, nq, query_block, nq) + _spans(nq, n, block, nq)
+    for _ in run_blocks(row_block, spans, workers, "graph: kNN", progress):
+        pass
     query_ip, query_nbr = query_lists.sorted()
     ref_rows_ip, ref_rows_nbr = ref_row_lists.sorted()
     ip = np.concatenate([query_ip[:, :width], ref_rows_ip])
@@ -284,8 +296,9 @@ def _graph_searched(X: np.ndarray, nq: int, width: int, query_width: int, ref_wi
     ref_ip, ref_idx = search_index(build_index(X[nq:], dev, k=ref_width), X[:nq], ref_width, batch_size,
                                    progress, "graph: references")
     ip = np.concatenate([query_ip[:, :width], ref_rows_ip])
-    nbr = np.concatenate([query_nbr[:, :width], ref_rows_nbr])
-    return ip, nbr, query_ip[:, :query_width], query_nbr[:, :query_width], ref_ip, ref_idx, far[:, 0]
+    nbr = np.concatenate([query_nbr[:, :width], ref_rows_nbr]).astype(np.int32)
+    return (ip, nbr, query_ip[:, :query_width], query_nbr[:, :query_width].astype(np.int32), ref_ip,
+            ref_idx.astype(np.int32), far[:, 0])
 
 
 def _refine_neighbours(X: np.ndarray, sq: np.ndarray, ip: np.ndarray, nbr: np.ndarray, k: int,
@@ -300,7 +313,7 @@ def _refine_neighbours(X: np.ndarray, sq: np.ndarray, ip: np.ndarray, nbr: np.nd
         if 0 < b < width:
             ambiguous |= (d2[:, b] - d2[:, b - 1]) < _TIE_EPS
     rows = np.nonzero(ambiguous)[0]
-    out = nbr[:, :k].copy()
+    out = nbr[:, :k].astype(np.int64)
     if rows.size:
         sub = nbr[rows]
         exact = d2_pairs(X, sq, np.repeat(rows, width), sub.ravel(), exact=True).reshape(-1, width)
@@ -315,7 +328,7 @@ def _refine_window(X: np.ndarray, sq: np.ndarray, ip: np.ndarray, nbr: np.ndarra
     near-tie at ``bound`` are re-sorted by float64 distance (deep lists: a full re-sort of
     every near-tied row would cost a float64 product per entry)."""
     n, width = nbr.shape
-    out = nbr[:, :k].copy()
+    out = nbr[:, :k].astype(np.int64)
     if not 0 < bound < width:
         return out
     lo, hi = max(0, bound - half), min(width, bound + half)

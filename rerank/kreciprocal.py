@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
-from ._checks import check_count, check_pair, check_unit_interval, clamp_top_k, progress_enabled
+from ._checks import check_count, check_stacked, check_unit_interval, clamp_top_k, progress_enabled
+from ._parallel import blas_threads, run_blocks
 from .graph import NeighbourGraph, build_graph, d2_pairs
 from .search import faiss_device
 
@@ -74,27 +74,29 @@ def k_reciprocal(query_desc: np.ndarray, ref_desc: np.ndarray, k1: int = 20, k2:
     faiss query batch there.  ``progress=None`` shows tqdm bars only when stderr
     is a terminal.
     """
-    q, r = check_pair(query_desc, ref_desc)
-    n = q.shape[0] + r.shape[0]
+    X, nq = check_stacked(query_desc, ref_desc)
+    n = X.shape[0]
     k1 = check_count(k1, "k1", 1, n - 1)
     k2 = check_count(k2, "k2", 1, n - 1)
     lam = check_unit_interval(lambda_value, "lambda_value")
-    top_k = clamp_top_k(top_k, r.shape[0])
+    top_k = clamp_top_k(top_k, n - nq)
     if query_block is not None:
         query_block = check_count(query_block, "query_block", 1)
+    show = progress_enabled(progress)
     if graph is None:
-        graph = build_graph(q, r, kreciprocal_depth(k1, k2), kreciprocal_depth(k1, k2), top_k,
-                            faiss_device(device), progress_enabled(progress), fused=fused,
+        graph = build_graph(X, nq, kreciprocal_depth(k1, k2), kreciprocal_depth(k1, k2), top_k,
+                            faiss_device(device), show, fused=fused,
                             gemm_block=check_count(gemm_block, "gemm_block", 1),
                             batch_size=check_count(batch_size, "batch_size", 1))
-    return k_reciprocal_graph(q, r, graph, k1, k2, lam, top_k, progress_enabled(progress), query_block)
+    else:
+        graph.check(X, nq, "k_reciprocal", depth=kreciprocal_depth(k1, k2), ref_depth=top_k)
+    return k_reciprocal_graph(graph, k1, k2, lam, top_k, show, query_block)
 
 
-def k_reciprocal_graph(q: np.ndarray, r: np.ndarray, graph: NeighbourGraph, k1: int, k2: int, lam: float,
-                       top_k: int, show: bool = False,
+def k_reciprocal_graph(graph: NeighbourGraph, k1: int, k2: int, lam: float, top_k: int, show: bool = False,
                        query_block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`k_reciprocal` from a graph of ``q``/``r`` (checked here), on checked parameters."""
-    graph.check(q, r, "k_reciprocal", depth=kreciprocal_depth(k1, k2), ref_depth=top_k)
+    """:func:`k_reciprocal` from a graph deep enough for it (``graph.check``), on checked
+    parameters."""
     half = int(np.around(k1 / 2.0)) + 1
     nbr = graph.neighbours(kreciprocal_depth(k1, k2), [k2, half, k1 + 1])
     V = _local_query_expansion(_build_v(graph, nbr, k1), nbr, k2)
@@ -180,9 +182,10 @@ def _min_sums(Vq: sp.csr_matrix, VrT: sp.csr_matrix, nr: int) -> tuple[np.ndarra
     return sums.reshape(b, nr), support.reshape(b, nr)
 
 
-def _query_blocks(Vq: sp.csr_matrix, VrT: sp.csr_matrix, query_block: int) -> list[tuple[int, int]]:
-    """Spans of at most ``query_block`` queries and ~_TRIPLE_BUDGET (query entry, reference)
-    pairs in the min-sum step, so that scratch memory stays bounded."""
+def _query_blocks(Vq: sp.csr_matrix, VrT: sp.csr_matrix, query_block: int,
+                  budget: int) -> list[tuple[int, int]]:
+    """Spans of at most ``query_block`` queries and ~``budget`` (query entry, reference) pairs
+    in the min-sum step, so that scratch memory stays bounded."""
     nq = Vq.shape[0]
     col_nnz = np.diff(VrT.indptr)
     per_query = np.bincount(np.repeat(np.arange(nq), np.diff(Vq.indptr)),
@@ -191,7 +194,7 @@ def _query_blocks(Vq: sp.csr_matrix, VrT: sp.csr_matrix, query_block: int) -> li
     csum = np.concatenate([[0.0], np.cumsum(per_query)])
     while bounds[-1] < nq:
         s = bounds[-1]
-        e = int(np.searchsorted(csum, csum[s] + _TRIPLE_BUDGET, side="right")) - 1
+        e = int(np.searchsorted(csum, csum[s] + budget, side="right")) - 1
         bounds.append(min(max(e, s + 1), s + query_block, nq))
     return list(zip(bounds[:-1], bounds[1:]))
 
@@ -207,15 +210,21 @@ def _jaccard_top_k(V: sp.csr_matrix, graph: NeighbourGraph, lam: float, top_k: i
     if listed.shape[1] > top_k:                    # a deeper graph: its top_k references
         part = np.argpartition(-listed_ip, top_k - 1, axis=1)[:, :top_k]
         listed_ip, listed = np.take_along_axis(listed_ip, part, axis=1), np.take_along_axis(listed, part, axis=1)
-    if query_block is None:
-        query_block = int(max(1, min(1024, 8_000_000 // nr)))
+    workers = blas_threads()
+    if query_block is None:          # ~64 MB of dense scratch per block, shared by the workers
+        query_block = int(max(1, min(1024, 8_000_000 // (nr * workers))))
     out_d = np.empty((nq, top_k), dtype=np.float32)
     out_i = np.empty((nq, top_k), dtype=np.int64)
-    for s, e in tqdm(_query_blocks(Vq, VrT, query_block), desc="k-recip: jaccard", disable=not show,
-                     leave=False):
+
+    def query_block_top_k(span: tuple[int, int]) -> None:
+        s, e = span
         min_sums, support = _min_sums(Vq[s:e], VrT, nr)
         out_d[s:e], out_i[s:e] = _rank_block(graph, s, min_sums, support, listed_ip[s:e], listed[s:e], lam,
                                              top_k)
+
+    spans = _query_blocks(Vq, VrT, query_block, _TRIPLE_BUDGET // workers)
+    for _ in run_blocks(query_block_top_k, spans, workers, "k-recip: jaccard", show):
+        pass
     return out_d, out_i
 
 
