@@ -44,6 +44,7 @@ def requirements(choice: str) -> list[str]:
         "numpy>=1.24",
         "scipy",
         "scikit-learn",
+        "threadpoolctl>=3",    # rerank: one BLAS thread per worker thread
         "optuna>=4.0",         # optuna.storages.journal.JournalFileBackend
         "pillow",
         "safetensors",
