@@ -45,6 +45,8 @@ def kth_bound(scores: np.ndarray, k: int, axis: int = 1) -> np.ndarray:
 class TopK:
     """The ``k`` largest scores seen so far of each of ``n_rows`` rows, with their ids.
 
+    ``bound_every_tile``: filter :meth:`add_rows` tiles by their own bound on the k-th
+    score too (one more fast pass; worth it for deep lists fed a few large tiles).
     ``spare`` extra slots per row make merges cheap where rows get few survivors at a
     time (memory: ``n_rows * (k + spare) * 8`` bytes; ids are int32). Tiles may be offered
     from several threads. Call :meth:`sorted` (or :meth:`unordered`) at the end: (n_rows,
@@ -52,21 +54,20 @@ class TopK:
     k-th place are kept in no guaranteed order.
     """
 
-    def __init__(self, n_rows: int, k: int, spare: int = 0) -> None:
+    def __init__(self, n_rows: int, k: int, spare: int = 0, bound_every_tile: bool = False) -> None:
         self.k = k
+        self.bound_every_tile = bound_every_tile
         self.val = np.full((n_rows, k + spare), -np.inf, dtype=np.float32)
         self.ids = np.full((n_rows, k + spare), -1, dtype=np.int32)
         self.fill = np.zeros(n_rows, dtype=np.int64)        # slots in use
         self.kth = np.full(n_rows, -np.inf, dtype=np.float32)
         self._lock = threading.Lock()   # merges from several threads (reads of kth need none)
 
-    def add_rows(self, row0: int, scores: np.ndarray, id0: int, bound: bool = False) -> None:
-        """Offer ``scores`` (b, m): entry (i, j) is a candidate of row ``row0 + i`` with id ``id0 + j``.
-        ``bound``: also filter by the tile's own bound on every row's k-th score (one more
-        fast pass; worth it where the rows' k-th scores are still weak)."""
+    def add_rows(self, row0: int, scores: np.ndarray, id0: int) -> None:
+        """Offer ``scores`` (b, m): entry (i, j) is a candidate of row ``row0 + i`` with id ``id0 + j``."""
         b, m = scores.shape
         thr = self.kth[row0:row0 + b]
-        if bound or np.isneginf(thr).any():
+        if self.bound_every_tile or np.isneginf(thr).any():
             thr = np.maximum(thr, kth_bound(scores, self.k, axis=1))
         flat = np.flatnonzero(scores >= thr[:, None])
         if flat.size:

@@ -39,6 +39,7 @@ _FAR_CHUNK = 512   # the farthest row is located to a chunk of ids in the pass, 
 _SAMPLE_ROWS = 64  # rows compared by the identity check
 _TILE_ENTRIES = 1 << 23   # scores per GEMM tile (32 MB)
 _SPARE_MAX = 256          # spare slots per kNN list row (see rerank._topk)
+_DEEP = 256               # query lists at least this deep: whole query rows, a bound per tile
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,25 +152,31 @@ def build_graph(X: np.ndarray, nq: int, depth: int, query_depth: int, ref_depth:
                           ref_ip, ref_idx, far, rowmax)
 
 
+def dot_pairs(X: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """(n,) float64 inner products ``X[rows] . X[cols]`` from float32 dot products (faiss;
+    the pairs are taken in order of ``cols``, so that rows are reused from cache)."""
+    by_col = np.argsort(cols)
+    a = np.ascontiguousarray(rows[by_col], dtype=np.int64)
+    b = np.ascontiguousarray(cols[by_col], dtype=np.int64)
+    ordered = np.empty(a.shape[0], dtype=np.float32)
+    faiss.pairwise_indexed_inner_product(X.shape[1], a.shape[0], faiss.swig_ptr(X), faiss.swig_ptr(a),
+                                         faiss.swig_ptr(X), faiss.swig_ptr(b), faiss.swig_ptr(ordered))
+    dots = np.empty(a.shape[0], dtype=np.float64)
+    dots[by_col] = ordered
+    return dots
+
+
 def d2_pairs(X: np.ndarray, sq: np.ndarray, rows: np.ndarray, cols: np.ndarray,
              exact: bool = False, chunk: int = 8192) -> np.ndarray:
     """Squared distances ``||X[rows] - X[cols]||^2`` (n,) float64: from float32 dot products
-    (faiss, pairs taken in order of ``cols`` so that rows are reused from cache), or from
-    float64 dot products where ``exact``."""
+    (:func:`dot_pairs`), or from float64 dot products where ``exact``."""
     if exact:
         dots = np.empty(rows.shape[0], dtype=np.float64)
         for s in range(0, rows.shape[0], chunk):
             dots[s:s + chunk] = np.einsum("ij,ij->i", X[rows[s:s + chunk]].astype(np.float64),
                                           X[cols[s:s + chunk]].astype(np.float64))
     else:
-        by_col = np.argsort(cols)
-        a = np.ascontiguousarray(rows[by_col], dtype=np.int64)
-        b = np.ascontiguousarray(cols[by_col], dtype=np.int64)
-        ordered = np.empty(a.shape[0], dtype=np.float32)
-        faiss.pairwise_indexed_inner_product(X.shape[1], a.shape[0], faiss.swig_ptr(X), faiss.swig_ptr(a),
-                                             faiss.swig_ptr(X), faiss.swig_ptr(b), faiss.swig_ptr(ordered))
-        dots = np.empty(a.shape[0], dtype=np.float64)
-        dots[by_col] = ordered
+        dots = dot_pairs(X, rows, cols)
     return np.maximum(sq[rows] + sq[cols] - 2.0 * dots, 0.0)
 
 
@@ -239,13 +246,16 @@ def _graph_fused(X: np.ndarray, nq: int, width: int, query_width: int, ref_width
     t0:t1 >= s) is offered to the rows' lists directly and, past the diagonal block, to
     the columns' lists as mirrored candidates (:meth:`TopK.add_columns`): half the GEMM
     of a search, no transposes. A query block meets all references in one tile (its
-    reference list sees them at once).
+    reference list sees them at once). Where query lists are deep (diffusion's
+    truncation), query blocks compute their whole rows instead of mirroring among
+    queries: a deep list filters its candidates well only in large tiles.
 
     Returns ``(ip, nbr, query_ip, query_nbr, ref_ip, ref_idx, far)`` (see the class).
     """
     n = X.shape[0]
     query_k = max(width, query_width)
-    query_lists = TopK(nq, query_k, spare=min(2 * query_k, _SPARE_MAX))
+    deep = query_k >= _DEEP
+    query_lists = TopK(nq, query_k, spare=min(2 * query_k, _SPARE_MAX), bound_every_tile=deep)
     ref_row_lists = TopK(n - nq, width, spare=min(2 * width, _SPARE_MAX))
     ref_lists = TopK(nq, ref_width)
     farthest = _Farthest(n)
@@ -257,14 +267,18 @@ def _graph_fused(X: np.ndarray, nq: int, width: int, query_width: int, ref_width
         s, e = span
         rows_lists, base = lists_of(s)
         tile = max(1, _TILE_ENTRIES // (e - s))
-        for t0, t1 in _spans(s, nq, tile, nq) + ([(nq, n)] if s < nq else _spans(s, n, tile, nq)):
+        if s < nq:
+            spans = _spans(0 if deep else s, nq, tile, nq) + [(nq, n)]
+        else:
+            spans = _spans(s, n, tile, nq)
+        for t0, t1 in spans:
             scores = X[s:e] @ X[t0:t1].T
             rows_lists.add_rows(s - base, scores, t0)
             farthest.add_rows(s, scores, t0)
             if s < nq <= t0:
                 ref_lists.add_rows(s, scores, t0 - nq)
             m0 = max(t0, e) - t0                      # mirrored part: columns at or past e
-            if m0 < t1 - t0:
+            if m0 < t1 - t0 and not (deep and t0 < nq):
                 cols_lists, cbase = lists_of(t0)
                 cols_lists.add_columns(t0 + m0 - cbase, scores[:, m0:], s)
                 farthest.add_columns(t0 + m0, scores[:, m0:], s)
@@ -332,7 +346,7 @@ def _refine_window(X: np.ndarray, sq: np.ndarray, ip: np.ndarray, nbr: np.ndarra
     if not 0 < bound < width:
         return out
     lo, hi = max(0, bound - half), min(width, bound + half)
-    d2 = sq[:, None] + sq[nbr[:, lo:hi]] - 2.0 * ip[:, lo:hi].astype(np.float64)
+    d2 = sq[:n, None] + sq[nbr[:, lo:hi]] - 2.0 * ip[:, lo:hi].astype(np.float64)
     rows = np.flatnonzero(d2[:, bound - lo] - d2[:, bound - lo - 1] < _TIE_EPS)
     if rows.size:
         sub = nbr[rows, lo:hi]
