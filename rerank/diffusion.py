@@ -35,7 +35,7 @@ from ._parallel import blas_threads, run_blocks
 from .graph import NeighbourGraph, build_graph, dot_pairs
 from .search import faiss_device
 
-__all__ = ["DEFAULT_TRUNCATE", "diffusion", "diffusion_depths"]
+__all__ = ["DEFAULT_TRUNCATE", "check_diffusion_params", "diffusion", "diffusion_depths", "diffusion_unit"]
 
 DEFAULT_TRUNCATE = 1000
 """Rows of each query's subgraph (besides the query); see bench/results_rerank.md."""
@@ -70,22 +70,30 @@ def diffusion(query_desc: np.ndarray, ref_desc: np.ndarray, k: int = 50, alpha: 
     skip the kNN pass; the result is the same as without it.
     """
     X, nq = check_stacked(query_desc, ref_desc)
-    n = X.shape[0]
-    k, alpha, gamma, truncate = check_diffusion_params(k, alpha, gamma, truncate, n)
-    top_k = clamp_top_k(top_k, n - nq)
-    depth, query_depth = diffusion_depths(k, truncate, n)
-    show = progress_enabled(progress)
+    k, alpha, gamma, truncate = check_diffusion_params(k, alpha, gamma, truncate, X.shape[0])
+    top_k = clamp_top_k(top_k, X.shape[0] - nq)
+    return diffusion_unit(X, nq, k, alpha, gamma, top_k, truncate, faiss_device(device), progress_enabled(progress),
+                          graph)
+
+
+def diffusion_unit(X: np.ndarray, nq: int, k: int, alpha: float, gamma: float, top_k: int, truncate: int | None,
+                   dev: str = "cpu", show: bool = False,
+                   graph: NeighbourGraph | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`diffusion` of stacked unit rows ``X`` (nq queries first; see
+    :func:`rerank._checks.check_stacked`) on checked parameters and a resolved device."""
+    depth, query_depth = diffusion_depths(k, truncate, X.shape[0])
     if graph is None:
-        graph = build_graph(X, nq, depth, query_depth, top_k, faiss_device(device), show)
+        graph = build_graph(X, nq, depth, query_depth, top_k, dev, show)
     else:
         graph.check(X, nq, "diffusion", depth=depth, query_depth=query_depth, ref_depth=top_k)
     return diffusion_graph(graph, k, alpha, gamma, top_k, truncate, show)
 
 
 def check_diffusion_params(k: object, alpha: object, gamma: object, truncate: object,
-                           n: int) -> tuple[int, float, float, int | None]:
-    """Validated ``(k, alpha, gamma, truncate)`` for ``n`` rows (``truncate`` None: whole graph)."""
-    k = check_count(k, "k", 1, n - 1)
+                           n: int | None = None) -> tuple[int, float, float, int | None]:
+    """Validated ``(k, alpha, gamma, truncate)`` for ``n`` rows (``n`` None: any number);
+    ``truncate`` None where it is the whole graph."""
+    k = check_count(k, "k", 1, None if n is None else n - 1)
     alpha = float(alpha)  # type: ignore[arg-type]
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"alpha must be in [0, 1), got {alpha!r}")
@@ -94,7 +102,7 @@ def check_diffusion_params(k: object, alpha: object, gamma: object, truncate: ob
         raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
     if truncate is not None:
         truncate = check_count(truncate, "truncate", 1)
-        if truncate >= n - 1:
+        if n is not None and truncate >= n - 1:
             truncate = None
     return k, alpha, gamma, truncate
 
@@ -189,14 +197,14 @@ def _solve_subgraphs(W_upper: sp.csr_matrix, nodes: np.ndarray, alpha: float) ->
         Ap = (W_b @ flat).reshape(b, m)
         Ap *= -alpha
         Ap += direction
-        step = np.where(active, rr / np.einsum("ij,ij->i", direction, Ap), 0.0)[:, None]
+        step = np.divide(rr, np.einsum("ij,ij->i", direction, Ap), out=np.zeros(b), where=active)[:, None]
         x += step * direction
         resid -= step * Ap
         rr_next = np.einsum("ij,ij->i", resid, resid)
         active &= rr_next > _TOL * _TOL
         if not active.any():
             break
-        direction *= np.where(active, rr_next / rr, 0.0)[:, None]
+        direction *= np.divide(rr_next, rr, out=np.zeros(b), where=active)[:, None]
         direction += resid
         rr = rr_next
     return x

@@ -36,7 +36,7 @@ from ._parallel import blas_threads, run_blocks
 from .graph import NeighbourGraph, build_graph, d2_pairs
 from .search import faiss_device
 
-__all__ = ["k_reciprocal", "kreciprocal_depth"]
+__all__ = ["k_reciprocal", "k_reciprocal_unit", "kreciprocal_depth"]
 
 _ROW_BLOCK = 4096
 _TRIPLE_BUDGET = 2_000_000   # (query entry, reference) pairs per Jaccard block
@@ -82,12 +82,21 @@ def k_reciprocal(query_desc: np.ndarray, ref_desc: np.ndarray, k1: int = 20, k2:
     top_k = clamp_top_k(top_k, n - nq)
     if query_block is not None:
         query_block = check_count(query_block, "query_block", 1)
-    show = progress_enabled(progress)
+    return k_reciprocal_unit(X, nq, k1, k2, lam, top_k, faiss_device(device), progress_enabled(progress), graph,
+                             query_block=query_block, fused=fused,
+                             gemm_block=check_count(gemm_block, "gemm_block", 1),
+                             batch_size=check_count(batch_size, "batch_size", 1))
+
+
+def k_reciprocal_unit(X: np.ndarray, nq: int, k1: int, k2: int, lam: float, top_k: int, dev: str = "cpu",
+                      show: bool = False, graph: NeighbourGraph | None = None, *, query_block: int | None = None,
+                      fused: bool = True, gemm_block: int = 1024,
+                      batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`k_reciprocal` of stacked unit rows ``X`` (nq queries first; see
+    :func:`rerank._checks.check_stacked`) on checked parameters and a resolved device."""
     if graph is None:
-        graph = build_graph(X, nq, kreciprocal_depth(k1, k2), kreciprocal_depth(k1, k2), top_k,
-                            faiss_device(device), show, fused=fused,
-                            gemm_block=check_count(gemm_block, "gemm_block", 1),
-                            batch_size=check_count(batch_size, "batch_size", 1))
+        graph = build_graph(X, nq, kreciprocal_depth(k1, k2), kreciprocal_depth(k1, k2), top_k, dev, show,
+                            fused=fused, gemm_block=gemm_block, batch_size=batch_size)
     else:
         graph.check(X, nq, "k_reciprocal", depth=kreciprocal_depth(k1, k2), ref_depth=top_k)
     return k_reciprocal_graph(graph, k1, k2, lam, top_k, show, query_block)
