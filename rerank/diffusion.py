@@ -26,6 +26,8 @@ on ``device`` (:mod:`rerank.graph`); the solves run on the CPU.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
@@ -110,41 +112,53 @@ def check_diffusion_params(k: object, alpha: object, gamma: object, truncate: ob
 def diffusion_graph(graph: NeighbourGraph, k: int, alpha: float, gamma: float, top_k: int,
                     truncate: int | None, show: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """:func:`diffusion` from a graph deep enough for it (``graph.check``), on checked parameters."""
-    nq, n = graph.n_query, graph.desc.shape[0]
+    nq = graph.n_query
     W_upper = _affinity(graph, k, gamma)
+    if truncate is None:               # one factorisation, solved block after block
+        solve, block, workers = _whole_graph_solver(W_upper, alpha), _SYSTEM_ENTRIES // W_upper.shape[0], 1
+    else:
+        solve, block = _subgraph_solver(graph, W_upper, alpha, truncate), _SYSTEM_ENTRIES // (truncate + 1)
+        workers = blas_threads()
+    block = max(1, min(block, _TABLE_ENTRIES // W_upper.shape[0]))
+    floor = _TOL / (1.0 - alpha)
     scores = np.empty((nq, top_k), dtype=np.float32)
     indices = np.empty((nq, top_k), dtype=np.int64)
-    if truncate is None:
-        lu = spla.splu((sp.identity(n, format="csc") - alpha * (W_upper + W_upper.T)).tocsc())
-        block = max(1, _SYSTEM_ENTRIES // n)
-        spans = [(s, min(s + block, nq)) for s in range(0, nq, block)]
-
-        def solve(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-            rhs = np.zeros((n, span[1] - span[0]))
-            rhs[np.arange(span[0], span[1]), np.arange(span[1] - span[0])] = 1.0
-            f = lu.solve(rhs).T
-            return np.broadcast_to(np.arange(n), f.shape), f
-        workers = 1                    # one factorisation, solved block after block
-    else:
-        sets = _truncated_sets(graph, truncate)
-        block = max(1, min(_SYSTEM_ENTRIES // sets.shape[1], _TABLE_ENTRIES // n))
-        spans = [(s, min(s + block, nq)) for s in range(0, nq, block)]
-
-        def solve(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-            nodes = sets[span[0]:span[1]]
-            return nodes, _solve_subgraphs(W_upper, nodes, alpha)
-        workers = blas_threads()
-
-    floor = _TOL / (1.0 - alpha)
 
     def rank(span: tuple[int, int]) -> None:
-        nodes, f = solve(span)
+        nodes, f = solve(*span)
         f = np.where(f < floor, 0.0, f)
         scores[span[0]:span[1]], indices[span[0]:span[1]] = _rank_block(graph, span[0], nodes, f, top_k)
 
+    spans = [(s, min(s + block, nq)) for s in range(0, nq, block)]
     for _ in run_blocks(rank, spans, workers, "diffusion", show):
         pass
     return scores, indices
+
+
+Solver = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+
+
+def _subgraph_solver(graph: NeighbourGraph, W_upper: sp.csr_matrix, alpha: float, truncate: int) -> Solver:
+    """``solve(s, e) -> (nodes (b, m), f (b, m))`` for queries s..e on their truncated subgraphs."""
+    sets = _truncated_sets(graph, truncate)
+
+    def solve(s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+        return sets[s:e], _solve_subgraphs(W_upper, sets[s:e], alpha)
+    return solve
+
+
+def _whole_graph_solver(W_upper: sp.csr_matrix, alpha: float) -> Solver:
+    """``solve(s, e) -> (nodes (b, N), f (b, N))`` for queries s..e on the whole graph: one
+    sparse LU factorisation of ``I - alpha W``, then a solve per block of queries."""
+    n = W_upper.shape[0]
+    lu = spla.splu((sp.identity(n, format="csc") - alpha * (W_upper + W_upper.T)).tocsc())
+
+    def solve(s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+        rhs = np.zeros((n, e - s))
+        rhs[np.arange(s, e), np.arange(e - s)] = 1.0
+        f = lu.solve(rhs).T
+        return np.broadcast_to(np.arange(n), f.shape), f
+    return solve
 
 
 def _affinity(graph: NeighbourGraph, k: int, gamma: float) -> sp.csr_matrix:
