@@ -50,6 +50,7 @@ def requirements(choice: str) -> list[str]:
         "huggingface_hub>=1.0",   # --pretrained timm / hf-hub:; huggingface_hub.errors.RemoteEntryNotFoundError
         "numpy>=1.24",
         "scipy",
+        "threadpoolctl>=3",    # rerank: one BLAS thread per worker thread
         "optuna>=4.0",         # optuna.storages.journal.JournalFileBackend
         "sqlalchemy>=1.4",     # (optuna's) the recipe checks an RDB storage's driver before any work
         "tomli_w",             # writes recipes (reading them is the standard library's tomllib)

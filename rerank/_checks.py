@@ -25,14 +25,15 @@ import numpy as np
 __all__ = [
     "check_descriptors",
     "check_pair",
+    "check_stacked",
     "check_count",
     "clamp_top_k",
     "progress_enabled",
 ]
 
 
-def check_descriptors(x: object, name: str) -> np.ndarray:
-    """Validate ``x`` and return it as C-contiguous float32 ``(n, d)`` unit rows."""
+def _as_matrix(x: object, name: str) -> np.ndarray:
+    """``x`` as a real, non-empty 2-D array (not yet converted), or ``TypeError``/``ValueError``."""
     arr = np.asarray(x)
     if arr.dtype == object or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
         raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
@@ -40,9 +41,13 @@ def check_descriptors(x: object, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a 2-D (n, d) array, got shape {arr.shape}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {arr.shape})")
-    src_dtype = arr.dtype
+    return arr
+
+
+def _normalise_into(arr: np.ndarray, out: np.ndarray, name: str) -> None:
+    """Write ``arr`` into the float32 ``out`` as unit rows (see the module docstring)."""
     with np.errstate(over="ignore", invalid="ignore"):
-        out = np.array(arr, dtype=np.float32, order="C", copy=True)
+        out[...] = arr
     bad = ~np.isfinite(out).all(axis=1)
     n_bad = int(bad.sum())
     if n_bad:
@@ -55,7 +60,7 @@ def check_descriptors(x: object, name: str) -> np.ndarray:
     n_zero = int(zero.sum())
     if n_zero:
         raise ValueError(f"{name} has {n_zero} all-zero rows (cannot be L2-normalised)")
-    tol = 1e-2 if src_dtype == np.float16 else 1e-3
+    tol = 1e-2 if arr.dtype == np.float16 else 1e-3
     off = np.abs(norms - 1.0) > tol
     n_off = int(off.sum())
     if n_off:
@@ -63,22 +68,39 @@ def check_descriptors(x: object, name: str) -> np.ndarray:
             f"{name}: {n_off} of {out.shape[0]} rows are not unit length; "
             "L2-normalising them",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     out /= norms[:, None].astype(np.float32)
+
+
+def check_descriptors(x: object, name: str) -> np.ndarray:
+    """Validate ``x`` and return it as C-contiguous float32 ``(n, d)`` unit rows."""
+    arr = _as_matrix(x, name)
+    out = np.empty(arr.shape, dtype=np.float32)
+    _normalise_into(arr, out, name)
     return out
 
 
 def check_pair(query: object, ref: object,
                qname: str = "query_desc", rname: str = "ref_desc") -> tuple[np.ndarray, np.ndarray]:
     """Validate a query/reference pair; also checks both have the same ``d``."""
-    q = check_descriptors(query, qname)
-    r = check_descriptors(ref, rname)
+    X, nq = check_stacked(query, ref, qname, rname)
+    return X[:nq], X[nq:]
+
+
+def check_stacked(query: object, ref: object, qname: str = "query_desc",
+                  rname: str = "ref_desc") -> tuple[np.ndarray, int]:
+    """Validate a query/reference pair into one array: returns ``(X, nq)``, ``X`` float32
+    ``(nq + nr, d)`` unit rows, queries first (``check_pair`` gives its two halves)."""
+    q, r = _as_matrix(query, qname), _as_matrix(ref, rname)
     if q.shape[1] != r.shape[1]:
         raise ValueError(
             f"dimension mismatch: {qname} has d={q.shape[1]}, {rname} has d={r.shape[1]}"
         )
-    return q, r
+    X = np.empty((q.shape[0] + r.shape[0], q.shape[1]), dtype=np.float32)
+    _normalise_into(q, X[:q.shape[0]], qname)
+    _normalise_into(r, X[q.shape[0]:], rname)
+    return X, q.shape[0]
 
 
 def check_count(value: object, name: str, minimum: int = 1, maximum: int | None = None) -> int:

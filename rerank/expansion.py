@@ -4,6 +4,9 @@ Radenovic, Tolias, Chum, "Fine-tuning CNN image retrieval with no human
 annotation", TPAMI 2018:  ``q' = L2norm(q + sum_{i<n} max(s_i, 0)^alpha r_i)``
 where ``r_0 .. r_{n-1}`` are the ``n`` references most similar to ``q`` and
 ``s_i = q . r_i``.
+
+The public functions validate their input; ``expand_queries`` and ``augment_references``
+trust it (unit float32 rows in, unit float32 rows out), for :func:`rerank.rerank`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import numpy as np
 from ._checks import check_count, check_descriptors, check_nonneg, check_pair
 from .search import build_index, faiss_device, search_index
 
-__all__ = ["alpha_query_expansion", "database_augmentation"]
+__all__ = ["alpha_query_expansion", "augment_references", "database_augmentation", "expand_queries"]
 
 
 def _weighted_sum(base: np.ndarray, ref: np.ndarray, sims: np.ndarray, idx: np.ndarray,
@@ -45,10 +48,14 @@ def alpha_query_expansion(query_desc: np.ndarray, ref_desc: np.ndarray, n: int,
     """
     q, r = check_pair(query_desc, ref_desc)
     n = min(check_count(n, "n", minimum=0), r.shape[0])
-    alpha = check_nonneg(alpha, "alpha")
+    return expand_queries(q, r, n, check_nonneg(alpha, "alpha"), faiss_device(device), batch_size)
+
+
+def expand_queries(q: np.ndarray, r: np.ndarray, n: int, alpha: float, dev: str = "cpu",
+                   batch_size: int = 4096) -> np.ndarray:
+    """:func:`alpha_query_expansion` of unit rows, ``0 <= n <= nr``, a resolved device."""
     if n == 0:
         return q
-    dev = faiss_device(device)
     idx = build_index(r, dev, k=n)
     sims, nbr = search_index(idx, q, n, batch_size)
     return _weighted_sum(q, r, sims, nbr, alpha, True, batch_size)
@@ -69,10 +76,14 @@ def database_augmentation(ref_desc: np.ndarray, n: int, alpha: float = 3.0,
     """
     r = check_descriptors(ref_desc, "ref_desc")
     n = min(check_count(n, "n", minimum=0), r.shape[0])
-    alpha = check_nonneg(alpha, "alpha")
+    return augment_references(r, n, check_nonneg(alpha, "alpha"), faiss_device(device), batch_size)
+
+
+def augment_references(r: np.ndarray, n: int, alpha: float, dev: str = "cpu",
+                       batch_size: int = 4096) -> np.ndarray:
+    """:func:`database_augmentation` of unit rows, ``0 <= n <= nr``, a resolved device."""
     if n <= 1:
         return r
-    dev = faiss_device(device)
     idx = build_index(r, dev, k=n)
     sims, nbr = search_index(idx, r, n, batch_size)
     return _weighted_sum(r, r, sims, nbr, alpha, False, batch_size)

@@ -1,229 +1,57 @@
 """k-reciprocal re-ranking (Zhong et al., CVPR 2017) without an (N, N) matrix.
 
 Computes exactly what the paper's reference code (``re_ranking`` in
-zhunzhong07/person-re-ranking, layumi/Person_reID_baseline) computes over
-all ``N = nq + nr`` images, but from sparse structures:
+zhunzhong07/person-re-ranking, layumi/Person_reID_baseline) computes over all
+``N = nq + nr`` images, but from sparse structures, in four phases:
 
-1. ``original_dist[i, j] = ||x_i - x_j||^2 / max_j' ||x_i - x_j'||^2``.
-   The neighbour lists (kNN over all N images) and the row maxima (the
-   *farthest* point: for unit vectors d^2 = 2 - 2cos, so it is the nearest
-   by inner product to ``-x``) come, on the CPU, from one blocked GEMM over
-   the upper triangle of the Gram matrix with faiss' C++ top-k heaps; with
-   ``device="cuda"`` (or ``fused=False``) from two faiss index searches.
-   Rows whose float32 ranks are within 1e-4 of a set boundary are re-sorted
-   with float64 distances; row maxima are recomputed in float64.
-2. k1-reciprocal sets, their expansion by round(k1/2)-reciprocal sets that
-   overlap by more than 2/3, Gaussian weights ``exp(-d)`` normalised to sum
-   1 -> sparse ``V`` (CSR, ~N * 30 entries).
-3. Local query expansion ``V := mean of V rows of initial_rank[i, :k2]``
-   (a sparse product, skipped for k2 == 1 as in the reference code).
-4. Jaccard distance ``1 - m / (2 - m)`` with ``m = sum_c min(V_qc, V_rc)``,
-   accumulated per query block through the inverted index ``V_refs^T``
-   (column -> reference rows).
-5. ``final = (1 - lambda) * jaccard + lambda * original``.  A reference
-   sharing no support with the query has Jaccard distance exactly 1, so the
-   exact top_k lies in {references with shared support} U {top_k references
-   by original distance} (per query block: one GEMM against the references
-   and a faiss heap); supported candidates outside the latter are pruned
-   with the lower bound ``(1-lambda) * jac + lambda * (top_k-th original
-   distance)`` and the survivors ranked exactly.
+1. Neighbours (:mod:`rerank.graph`): ``original_dist[i, j] = ||x_i - x_j||^2 /
+   max_j' ||x_i - x_j'||^2``; the kNN lists over all N images and the row maxima (the
+   farthest image) come from one pass over the Gram matrix. Rows whose float32 ranks
+   are within 1e-4 of a set boundary (k2, round(k1/2) + 1, k1 + 1) are re-sorted with
+   float64 distances; row maxima are float64.
+2. V (:func:`_build_v`): k1-reciprocal sets, their expansion by the round(k1/2)-reciprocal
+   sets of their members that overlap them by more than 2/3, Gaussian weights
+   ``exp(-original_dist)`` normalised to sum 1 -> sparse ``V`` (CSR, ~N * 30 entries).
+3. Local query expansion (:func:`_local_query_expansion`): row i of V := mean of the V
+   rows of its k2 nearest images (skipped for k2 == 1, as in the reference code).
+4. Jaccard distance and the exact top_k (:func:`_rank_block`, per block of queries):
+   ``jaccard = 1 - m / (2 - m)`` with ``m = sum_c min(V_qc, V_rc)``, accumulated through
+   the inverted index ``V_refs^T``; ``final = (1 - lambda) * jaccard + lambda *
+   original``. A reference sharing no support with the query has Jaccard distance
+   exactly 1, so the exact top_k lies in {references with shared support} U {top_k
+   references by original distance (from the graph)}; supported references outside the
+   latter are pruned with the lower bound ``(1 - lambda) * jaccard + lambda * (top_k-th
+   original distance)`` and the survivors ranked exactly.
 
 Memory is O(N * k1 * k2 + nq * top_k + block * N), never O(N^2).
 """
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
-from ._checks import check_count, check_pair, check_unit_interval, clamp_top_k, progress_enabled
-from .search import build_index, faiss_device, search_index
+from ._checks import check_count, check_stacked, check_unit_interval, clamp_top_k, progress_enabled
+from ._parallel import blas_threads, run_blocks
+from .graph import NeighbourGraph, build_graph, d2_pairs
+from .search import faiss_device
 
-__all__ = ["k_reciprocal"]
+__all__ = ["k_reciprocal", "k_reciprocal_unit", "kreciprocal_depth"]
 
-_TIE_EPS = 1e-4   # float32 kNN ranks closer than this are re-checked in float64
 _ROW_BLOCK = 4096
 _TRIPLE_BUDGET = 2_000_000   # (query entry, reference) pairs per Jaccard block
 
 
-def _d2_pairs(X: np.ndarray, sq: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-              exact: bool = False, chunk: int = 8192) -> np.ndarray:
-    """Squared distances ``||X[rows] - X[cols]||^2`` as float64 (float32 dots unless exact)."""
-    out = np.empty(rows.shape[0], dtype=np.float64)
-    for s in range(0, rows.shape[0], chunk):
-        a, b = X[rows[s:s + chunk]], X[cols[s:s + chunk]]
-        if exact:
-            dots = np.einsum("ij,ij->i", a.astype(np.float64), b.astype(np.float64))
-        else:
-            dots = np.einsum("ij,ij->i", a, b).astype(np.float64)
-        out[s:s + chunk] = sq[rows[s:s + chunk]] + sq[cols[s:s + chunk]] - 2.0 * dots
-    return np.maximum(out, 0.0)
-
-
-def _heap_topk(val: np.ndarray, ids: np.ndarray, scores: np.ndarray, id0: int) -> None:
-    """Merge ``scores`` (b, m) (ids ``id0 + column``) into the max-heaps ``val``/``ids`` (b, k)."""
-    h = faiss.float_minheap_array_t()   # min-heap of size k keeps the k largest
-    h.k, h.nh = val.shape[1], val.shape[0]
-    h.val, h.ids = faiss.swig_ptr(val), faiss.swig_ptr(ids)
-    h.addn(scores.shape[1], faiss.swig_ptr(scores), id0, 0, scores.shape[0])
-
-
-def _graph_fused(X: np.ndarray, Kp: int, block: int,
-                 progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One blocked GEMM pass over the upper triangle of X X^T (CPU), O(block * N) scratch.
-
-    Returns ``ip`` (N, Kp) float32 top inner products over all N (best first),
-    ``nbr`` (N, Kp) int64 their indices, and ``far`` (N,) int64 the index of
-    the minimum inner product (the farthest point).  Does the work of two
-    faiss searches (kNN and farthest) with half the GEMM of one, using the
-    symmetry of the Gram matrix; the top-Kp selection uses faiss' C++ heaps.
-    """
-    N = X.shape[0]
-    ip = np.full((N, Kp), -np.inf, dtype=np.float32)
-    nbr = np.full((N, Kp), -1, dtype=np.int64)
-    far = np.zeros(N, dtype=np.int64)
-    low = np.full(N, np.inf, dtype=np.float32)
-
-    def update_far(rows0: int, scores: np.ndarray, col0: int) -> None:
-        arg = scores.argmin(axis=1)
-        val = scores[np.arange(scores.shape[0]), arg]
-        sl = slice(rows0, rows0 + scores.shape[0])
-        better = val < low[sl]
-        low[sl] = np.where(better, val, low[sl])
-        far[sl] = np.where(better, arg + col0, far[sl])
-
-    for s in tqdm(range(0, N, block), desc="k-recip: kNN", disable=not progress, leave=False):
-        e = min(s + block, N)
-        S = X[s:e] @ X[s:].T                          # rows s:e, columns s:N
-        _heap_topk(ip[s:e], nbr[s:e], S, s)
-        update_far(s, S, s)
-        if e < N:                                     # mirrored: rows e:N, columns s:e
-            T = np.ascontiguousarray(S[:, e - s:].T)
-            _heap_topk(ip[e:], nbr[e:], T, s)
-            update_far(e, T, s)
-    order = np.argsort(-ip, axis=1, kind="stable")   # heaps -> sorted, best first
-    return np.take_along_axis(ip, order, axis=1), np.take_along_axis(nbr, order, axis=1), far
-
-
-def _graph_searched(X: np.ndarray, Kp: int, dev: str, batch_size: int,
-                    progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Same outputs as :func:`_graph_fused` from two faiss index searches
-    (kNN, and farthest = nearest to ``-x``); used with a GPU index (sharded
-    where ``Kp`` exceeds the GPU's k limit, see :func:`rerank.search.build_index`)."""
-    index = build_index(X, dev, k=Kp)
-    ip, nbr = search_index(index, X, Kp, batch_size, progress, "k-recip: kNN")
-    _, far = search_index(index, -X, 1, batch_size, progress, "k-recip: farthest")
-    return ip, nbr, far[:, 0]
-
-
-def _refine_neighbours(X: np.ndarray, sq: np.ndarray, ip: np.ndarray, nbr: np.ndarray, K: int,
-                       bounds: list[int]) -> np.ndarray:
-    """(N, K) neighbours by squared distance; rows with a near-tie (< 1e-4) at a
-    set boundary are re-sorted with float64 distances so that set membership
-    matches an exact float64 computation."""
-    N, Kp = nbr.shape
-    d2 = sq[:, None] + sq[nbr] - 2.0 * ip.astype(np.float64)
-    amb = np.zeros(N, dtype=bool)
-    for b in bounds:
-        if 0 < b < Kp:
-            amb |= (d2[:, b] - d2[:, b - 1]) < _TIE_EPS
-    rows = np.nonzero(amb)[0]
-    if rows.size:
-        sub = nbr[rows]
-        d2x = _d2_pairs(X, sq, np.repeat(rows, Kp), sub.ravel(), exact=True).reshape(-1, Kp)
-        order = np.argsort(d2x, axis=1, kind="stable")
-        nbr[rows] = np.take_along_axis(sub, order, axis=1)
-    return np.ascontiguousarray(nbr[:, :K])
-
-
-def _reciprocal_mask(R: np.ndarray) -> np.ndarray:
-    """mask[i, t] = R[i, t] has i in its own list R[R[i, t]]."""
-    N = R.shape[0]
-    mask = np.empty(R.shape, dtype=bool)
-    for s in range(0, N, _ROW_BLOCK):
-        e = min(s + _ROW_BLOCK, N)
-        mask[s:e] = (R[R[s:e]] == np.arange(s, e)[:, None, None]).any(axis=-1)
-    return mask
-
-
-def _build_v(X: np.ndarray, sq: np.ndarray, nbr: np.ndarray, rowmax: np.ndarray,
-             k1: int) -> sp.csr_matrix:
-    """Sparse V: Gaussian weights over the expanded k-reciprocal set of every row."""
-    N = X.shape[0]
-    kh = int(np.around(k1 / 2.0)) + 1
-    R1 = nbr[:, :k1 + 1]
-    Rh = nbr[:, :kh]
-    mask1 = _reciprocal_mask(R1)
-    maskh = _reciprocal_mask(Rh)
-    hsize = maskh.sum(axis=1)
-    rows_l, cols_l = [], []
-    for s in range(0, N, _ROW_BLOCK):
-        e = min(s + _ROW_BLOCK, N)
-        b = e - s
-        C = R1[s:e]                                   # candidates (b, k1+1)
-        Kset = np.where(mask1[s:e], C, -1)            # k1-reciprocal set, -1 padded
-        H = Rh[C]                                     # candidates' half lists (b, k1+1, kh)
-        Hm = maskh[C]                                 # ... reciprocal members
-        inK = np.zeros(H.shape, dtype=bool)
-        for t in range(Kset.shape[1]):                # membership of H in Kset
-            inK |= H == Kset[:, t, None, None]
-        cnt = (inK & Hm).sum(axis=-1)
-        accept = mask1[s:e] & (cnt > 2.0 / 3.0 * hsize[C])
-        E = np.concatenate(
-            [np.where(mask1[s:e], C, N),
-             np.where(accept[:, :, None] & Hm, H, N).reshape(b, -1)], axis=1)
-        E.sort(axis=1)
-        valid = E < N
-        valid[:, 1:] &= E[:, 1:] != E[:, :-1]
-        rows_l.append(np.repeat(np.arange(s, e), valid.sum(axis=1)))
-        cols_l.append(E[valid])
-    rows = np.concatenate(rows_l)
-    cols = np.concatenate(cols_l)
-    dist = _d2_pairs(X, sq, rows, cols) / rowmax[rows]
-    w = np.exp(-dist)
-    counts = np.bincount(rows, minlength=N)
-    w /= np.bincount(rows, weights=w, minlength=N)[rows]
-    indptr = np.concatenate([[0], np.cumsum(counts)])
-    return sp.csr_matrix((w, cols, indptr), shape=(N, N))
-
-
-def _local_qe(V: sp.csr_matrix, nbr: np.ndarray, k2: int) -> sp.csr_matrix:
-    """Row i := mean of V rows nbr[i, :k2] (the reference code skips this for k2 == 1)."""
-    if k2 == 1:
-        return V
-    N = V.shape[0]
-    M = sp.csr_matrix((np.full(N * k2, 1.0 / k2), nbr[:, :k2].ravel(),
-                       np.arange(0, N * k2 + 1, k2)), shape=(N, N))
-    out = (M @ V).tocsr()
-    out.sum_duplicates()
-    return out
-
-
-def _min_sums(Vq: sp.csr_matrix, VrT: sp.csr_matrix, nr: int) -> np.ndarray:
-    """Dense (b, nr) block of sum_c min(Vq[i, c], Vr[j, c]) via the inverted index VrT."""
-    b = Vq.shape[0]
-    cols = Vq.indices
-    a = Vq.data
-    qrow = np.repeat(np.arange(b), np.diff(Vq.indptr))
-    starts = VrT.indptr[cols]
-    lens = VrT.indptr[cols + 1] - starts
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros((b, nr))
-    offs = np.cumsum(lens) - lens
-    pos = np.arange(total, dtype=np.int64) + np.repeat(starts - offs, lens)
-    m = np.minimum(np.repeat(a, lens), VrT.data[pos])
-    key = np.repeat(qrow * nr, lens) + VrT.indices[pos]
-    return np.bincount(key, weights=m, minlength=b * nr).reshape(b, nr)
+def kreciprocal_depth(k1: int, k2: int) -> int:
+    """Neighbours per row (itself included) k-reciprocal reads: ``max(k1 + 1, k2)``."""
+    return max(k1 + 1, k2)
 
 
 def k_reciprocal(query_desc: np.ndarray, ref_desc: np.ndarray, k1: int = 20, k2: int = 6,
                  lambda_value: float = 0.3, top_k: int = 1000, device: str = "cpu",
                  batch_size: int = 4096, query_block: int | None = None,
                  progress: bool | None = None, fused: bool = True,
-                 gemm_block: int = 512) -> tuple[np.ndarray, np.ndarray]:
+                 gemm_block: int = 1024, graph: NeighbourGraph | None = None) -> tuple[np.ndarray, np.ndarray]:
     """k-reciprocal re-ranking of references for every query.
 
     Returns ``(distances, indices)``: ``distances`` float32 ``(nq, top_k)``
@@ -234,104 +62,220 @@ def k_reciprocal(query_desc: np.ndarray, ref_desc: np.ndarray, k1: int = 20, k2:
 
     ``k1``, ``k2`` must be in ``[1, N - 1]`` (``N = nq + nr``), else
     ``ValueError``; ``lambda_value`` in ``[0, 1]``; ``top_k`` larger than the
-    number of references is clamped to it.
+    number of references is clamped to it.  ``graph``: a :class:`NeighbourGraph`
+    of the same ``query_desc``/``ref_desc`` with ``depth >= max(k1 + 1, k2)`` and
+    ``ref_depth >= top_k`` (else ``ValueError``), to skip the kNN pass; the result
+    is the same as without it.
 
     Tuning knobs (results do not depend on them): ``query_block`` queries are
     processed at a time in the Jaccard step (default: ~64 MB of scratch);
-    ``gemm_block`` rows per GEMM in the CPU kNN pass (scratch ~8 * gemm_block
-    * N bytes); ``fused=False`` uses faiss index searches on the CPU too
-    (slower; the GPU path); ``batch_size`` is the faiss query batch there.
-    ``progress=None`` shows tqdm bars only when stderr is a terminal.
+    ``gemm_block`` rows per GEMM in the CPU kNN pass; ``fused=False`` uses faiss
+    index searches on the CPU too (slower; the GPU path); ``batch_size`` is the
+    faiss query batch there.  ``progress=None`` shows tqdm bars only when stderr
+    is a terminal.
     """
-    q, r = check_pair(query_desc, ref_desc)
-    nq, nr = q.shape[0], r.shape[0]
-    N = nq + nr
-    k1 = check_count(k1, "k1", 1, N - 1)
-    k2 = check_count(k2, "k2", 1, N - 1)
+    X, nq = check_stacked(query_desc, ref_desc)
+    n = X.shape[0]
+    k1 = check_count(k1, "k1", 1, n - 1)
+    k2 = check_count(k2, "k2", 1, n - 1)
     lam = check_unit_interval(lambda_value, "lambda_value")
-    top_k = clamp_top_k(top_k, nr)
-    batch_size = check_count(batch_size, "batch_size", 1)
-    if query_block is None:
-        query_block = int(max(1, min(1024, 8_000_000 // nr)))
-    query_block = check_count(query_block, "query_block", 1)
-    gemm_block = check_count(gemm_block, "gemm_block", 1)
-    show = progress_enabled(progress)
-    dev = faiss_device(device)
+    top_k = clamp_top_k(top_k, n - nq)
+    if query_block is not None:
+        query_block = check_count(query_block, "query_block", 1)
+    return k_reciprocal_unit(X, nq, k1, k2, lam, top_k, faiss_device(device), progress_enabled(progress), graph,
+                             query_block=query_block, fused=fused,
+                             gemm_block=check_count(gemm_block, "gemm_block", 1),
+                             batch_size=check_count(batch_size, "batch_size", 1))
 
-    X = np.concatenate([q, r])
-    sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
-    K = max(k1 + 1, k2)
-    kh = int(np.around(k1 / 2.0)) + 1
-    Kp = min(K + 8, N)
-    if dev == "cpu" and fused:
-        ip, nbr, far = _graph_fused(X, Kp, gemm_block, show)
+
+def k_reciprocal_unit(X: np.ndarray, nq: int, k1: int, k2: int, lam: float, top_k: int, dev: str = "cpu",
+                      show: bool = False, graph: NeighbourGraph | None = None, *, query_block: int | None = None,
+                      fused: bool = True, gemm_block: int = 1024,
+                      batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`k_reciprocal` of stacked unit rows ``X`` (nq queries first; see
+    :func:`rerank._checks.check_stacked`) on checked parameters and a resolved device."""
+    if graph is None:
+        graph = build_graph(X, nq, kreciprocal_depth(k1, k2), kreciprocal_depth(k1, k2), top_k, dev, show,
+                            fused=fused, gemm_block=gemm_block, batch_size=batch_size)
     else:
-        ip, nbr, far = _graph_searched(X, Kp, dev, batch_size, show)
-    nbr = _refine_neighbours(X, sq, ip, nbr, K, [k2, kh, k1 + 1])
-    rowmax = np.maximum(_d2_pairs(X, sq, np.arange(N), far, exact=True),
-                        np.finfo(np.float64).tiny)
-    del ip, far
+        graph.check(X, nq, "k_reciprocal", depth=kreciprocal_depth(k1, k2), ref_depth=top_k)
+    return k_reciprocal_graph(graph, k1, k2, lam, top_k, show, query_block)
 
-    V = _build_v(X, sq, nbr, rowmax, k1)
-    V = _local_qe(V, nbr, k2)
+
+def k_reciprocal_graph(graph: NeighbourGraph, k1: int, k2: int, lam: float, top_k: int, show: bool = False,
+                       query_block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`k_reciprocal` from a graph deep enough for it (``graph.check``), on checked
+    parameters."""
+    half = int(np.around(k1 / 2.0)) + 1
+    nbr = graph.neighbours(kreciprocal_depth(k1, k2), [k2, half, k1 + 1])
+    V = _local_query_expansion(_build_v(graph, nbr, k1), nbr, k2)
     del nbr
-    Vq = V[:nq]
-    VrT = V[nq:].T.tocsr()
-    del V
+    return _jaccard_top_k(V, graph, lam, top_k, query_block, show)
 
-    sq_q, sq_r = sq[:nq], sq[nq:]
-    R = X[nq:]
-    out_d = np.empty((nq, top_k), dtype=np.float32)
-    out_i = np.empty((nq, top_k), dtype=np.int64)
-    # Query blocks: at most query_block queries and ~_TRIPLE_BUDGET (query, column, ref)
-    # triples in the min-sum step, so scratch memory stays bounded.
+
+def _reciprocal_mask(lists: np.ndarray) -> np.ndarray:
+    """mask[i, t]: row ``lists[i, t]`` has ``i`` in its own list ``lists[lists[i, t]]``."""
+    n = lists.shape[0]
+    mask = np.empty(lists.shape, dtype=bool)
+    for s in range(0, n, _ROW_BLOCK):
+        e = min(s + _ROW_BLOCK, n)
+        mask[s:e] = (lists[lists[s:e]] == np.arange(s, e)[:, None, None]).any(axis=-1)
+    return mask
+
+
+def _build_v(graph: NeighbourGraph, nbr: np.ndarray, k1: int) -> sp.csr_matrix:
+    """Sparse V (N, N): Gaussian weights over the expanded k-reciprocal set of every row."""
+    n = nbr.shape[0]
+    half = int(np.around(k1 / 2.0)) + 1
+    forward = nbr[:, :k1 + 1]                      # R(i, k1) candidates: i's k1 + 1 nearest
+    forward_half = nbr[:, :half]
+    reciprocal = _reciprocal_mask(forward)
+    reciprocal_half = _reciprocal_mask(forward_half)
+    half_size = reciprocal_half.sum(axis=1)        # |R(c, k1/2)| of every row c
+    rows_parts, cols_parts = [], []
+    for s in range(0, n, _ROW_BLOCK):
+        e = min(s + _ROW_BLOCK, n)
+        cand = forward[s:e]                                       # (b, k1+1)
+        rec_set = np.where(reciprocal[s:e], cand, -1)             # R(i, k1), -1 padded
+        cand_half = forward_half[cand]                            # (b, k1+1, half)
+        cand_half_rec = reciprocal_half[cand]                     # ... members of R(c, k1/2)
+        in_rec_set = np.zeros(cand_half.shape, dtype=bool)
+        for t in range(rec_set.shape[1]):
+            in_rec_set |= cand_half == rec_set[:, t, None, None]
+        overlap = (in_rec_set & cand_half_rec).sum(axis=-1)
+        accept = reciprocal[s:e] & (overlap > 2.0 / 3.0 * half_size[cand])
+        members = np.concatenate(
+            [np.where(reciprocal[s:e], cand, n),
+             np.where(accept[:, :, None] & cand_half_rec, cand_half, n).reshape(e - s, -1)], axis=1)
+        members.sort(axis=1)                                      # n pads sort last
+        keep = members < n
+        keep[:, 1:] &= members[:, 1:] != members[:, :-1]          # each member once
+        rows_parts.append(np.repeat(np.arange(s, e), keep.sum(axis=1)))
+        cols_parts.append(members[keep])
+    rows = np.concatenate(rows_parts)
+    cols = np.concatenate(cols_parts)
+    weight = np.exp(-d2_pairs(graph.desc, graph.sq, rows, cols) / graph.rowmax[rows])
+    weight /= np.bincount(rows, weights=weight, minlength=n)[rows]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))])
+    return sp.csr_matrix((weight, cols, indptr), shape=(n, n))
+
+
+def _local_query_expansion(V: sp.csr_matrix, nbr: np.ndarray, k2: int) -> sp.csr_matrix:
+    """Row i := mean of V rows nbr[i, :k2] (the reference code skips this for k2 == 1)."""
+    if k2 == 1:
+        return V
+    n = V.shape[0]
+    mean_of = sp.csr_matrix((np.full(n * k2, 1.0 / k2), nbr[:, :k2].ravel(),
+                             np.arange(0, n * k2 + 1, k2)), shape=(n, n))
+    out = (mean_of @ V).tocsr()
+    out.sum_duplicates()
+    return out
+
+
+def _min_sums(Vq: sp.csr_matrix, VrT: sp.csr_matrix, nr: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sums, support), both (b, nr): sum_c min(Vq[i, c], Vr[j, c]) (float64) via the
+    inverted index VrT, and whether query i and reference j share any column (bool)."""
+    b = Vq.shape[0]
+    cols = Vq.indices
+    starts = VrT.indptr[cols]
+    lens = VrT.indptr[cols + 1] - starts
+    total = int(lens.sum())
+    support = np.zeros(b * nr, dtype=bool)
+    if total == 0:
+        return np.zeros((b, nr)), support.reshape(b, nr)
+    pos = np.arange(total, dtype=np.int64) + np.repeat(starts - (np.cumsum(lens) - lens), lens)
+    query_row = np.repeat(np.arange(b) * nr, np.diff(Vq.indptr))
+    key = np.repeat(query_row, lens) + VrT.indices[pos]
+    support[key] = True
+    sums = np.bincount(key, weights=np.minimum(np.repeat(Vq.data, lens), VrT.data[pos]), minlength=b * nr)
+    return sums.reshape(b, nr), support.reshape(b, nr)
+
+
+def _query_blocks(Vq: sp.csr_matrix, VrT: sp.csr_matrix, query_block: int,
+                  budget: int) -> list[tuple[int, int]]:
+    """Spans of at most ``query_block`` queries and ~``budget`` (query entry, reference) pairs
+    in the min-sum step, so that scratch memory stays bounded."""
+    nq = Vq.shape[0]
     col_nnz = np.diff(VrT.indptr)
     per_query = np.bincount(np.repeat(np.arange(nq), np.diff(Vq.indptr)),
                             weights=col_nnz[Vq.indices], minlength=nq)
     bounds = [0]
     csum = np.concatenate([[0.0], np.cumsum(per_query)])
     while bounds[-1] < nq:
-        s0 = bounds[-1]
-        e0 = int(np.searchsorted(csum, csum[s0] + _TRIPLE_BUDGET, side="right")) - 1
-        bounds.append(min(max(e0, s0 + 1), s0 + query_block, nq))
-    for s, e in tqdm(list(zip(bounds[:-1], bounds[1:])), desc="k-recip: jaccard",
-                     disable=not show, leave=False):
-        b = e - s
-        rows_b = np.arange(b)[:, None]
-        msum = _min_sums(Vq[s:e], VrT, nr)
-        # Exact original distances of this block: one GEMM, top_k by faiss heap.
-        S = X[s:e] @ R.T
-        ip_l = np.full((b, top_k), -np.inf, dtype=np.float32)
-        lst = np.full((b, top_k), -1, dtype=np.int64)
-        _heap_topk(ip_l, lst, S, 0)
-        orig_l = (sq_q[s:e, None] + sq_r[lst] - 2.0 * ip_l.astype(np.float64))
-        orig_l = np.maximum(orig_l, 0.0) / rowmax[s:e, None]
-        m_l = msum[rows_b, lst]
-        final_l = (1.0 - lam) * (1.0 - m_l / (2.0 - m_l)) + lam * orig_l
-        msum[rows_b, lst] = 0.0
-        # Supported references outside the original top_k, pruned by a lower bound.
-        ei, ej = np.nonzero(msum)
-        m_e = msum[ei, ej]
-        jac_e = 1.0 - m_e / (2.0 - m_e)
-        tau = final_l.max(axis=1)
-        lb = (1.0 - lam) * jac_e + lam * orig_l.max(axis=1)[ei]
-        keep = lb < tau[ei]
-        ei, ej, jac_e = ei[keep], ej[keep], jac_e[keep]
-        if ei.size:
-            d2 = np.maximum(sq_q[ei + s] + sq_r[ej] - 2.0 * S[ei, ej].astype(np.float64), 0.0)
-            final_e = (1.0 - lam) * jac_e + lam * d2 / rowmax[ei + s]
-            n_e = np.bincount(ei, minlength=b)
-            width = top_k + int(n_e.max())
-            cand_d = np.full((b, width), np.inf)
-            cand_i = np.full((b, width), -1, dtype=np.int64)
-            cand_d[:, :top_k] = final_l
-            cand_i[:, :top_k] = lst
-            slot = top_k + np.arange(ei.size) - np.repeat(np.cumsum(n_e) - n_e, n_e)
-            cand_d[ei, slot] = final_e
-            cand_i[ei, slot] = ej
-        else:
-            cand_d, cand_i = final_l, lst
-        order = np.argsort(cand_d, axis=1, kind="stable")[:, :top_k]
-        out_d[s:e] = np.take_along_axis(cand_d, order, axis=1)
-        out_i[s:e] = np.take_along_axis(cand_i, order, axis=1)
+        s = bounds[-1]
+        e = int(np.searchsorted(csum, csum[s] + budget, side="right")) - 1
+        bounds.append(min(max(e, s + 1), s + query_block, nq))
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _jaccard_top_k(V: sp.csr_matrix, graph: NeighbourGraph, lam: float, top_k: int,
+                   query_block: int | None, show: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(distances (nq, top_k) float32 ascending, indices (nq, top_k) int64) of every query."""
+    nq, nr = graph.n_query, graph.n_ref
+    Vq = V[:nq]
+    VrT = V[nq:].T.tocsr()
+    del V
+    listed_ip, listed = graph.ref_ip, graph.ref_idx
+    if listed.shape[1] > top_k:                    # a deeper graph: its top_k references
+        part = np.argpartition(-listed_ip, top_k - 1, axis=1)[:, :top_k]
+        listed_ip, listed = np.take_along_axis(listed_ip, part, axis=1), np.take_along_axis(listed, part, axis=1)
+    workers = blas_threads()
+    if query_block is None:          # ~64 MB of dense scratch per block, shared by the workers
+        query_block = int(max(1, min(1024, 8_000_000 // (nr * workers))))
+    out_d = np.empty((nq, top_k), dtype=np.float32)
+    out_i = np.empty((nq, top_k), dtype=np.int64)
+
+    def query_block_top_k(span: tuple[int, int]) -> None:
+        s, e = span
+        min_sums, support = _min_sums(Vq[s:e], VrT, nr)
+        out_d[s:e], out_i[s:e] = _rank_block(graph, s, min_sums, support, listed_ip[s:e], listed[s:e], lam,
+                                             top_k)
+
+    spans = _query_blocks(Vq, VrT, query_block, _TRIPLE_BUDGET // workers)
+    for _ in run_blocks(query_block_top_k, spans, workers, "k-recip: jaccard", show):
+        pass
     return out_d, out_i
+
+
+def _rank_block(graph: NeighbourGraph, s: int, min_sums: np.ndarray, support: np.ndarray,
+                listed_ip: np.ndarray, listed: np.ndarray, lam: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top_k of queries ``s .. s + b``: their ``listed`` (b, top_k) references by original
+    distance, plus the references with shared ``support`` (b, nr) that the lower bound cannot
+    rule out. Returns (final distances (b, top_k) float64 ascending, indices (b, top_k) int64)."""
+    nq = graph.n_query
+    b, nr = min_sums.shape
+    rowmax = graph.rowmax[s:s + b]
+    block_rows = np.arange(b)[:, None]
+    original = graph.sq[s:s + b, None] + graph.sq[nq + listed] - 2.0 * listed_ip.astype(np.float64)
+    original = np.maximum(original, 0.0) / rowmax[:, None]
+    m = min_sums[block_rows, listed]
+    final = (1.0 - lam) * (1.0 - m / (2.0 - m)) + lam * original
+    support[block_rows, listed] = False
+    # Supported references outside the listed ones, pruned by a lower bound.
+    flat = np.flatnonzero(support)
+    m = min_sums.ravel()[flat]
+    jaccard = 1.0 - m / (2.0 - m)
+    extra_q = flat // nr
+    keep = (1.0 - lam) * jaccard + lam * original.max(axis=1)[extra_q] < final.max(axis=1)[extra_q]
+    flat, extra_q, jaccard = flat[keep], extra_q[keep], jaccard[keep]
+    if not flat.size:
+        return _sorted_top_k(final, listed, top_k)
+    extra_r = flat % nr
+    d2 = d2_pairs(graph.desc, graph.sq, s + extra_q, nq + extra_r)
+    n_extra = np.bincount(extra_q, minlength=b)
+    cand_d = np.full((b, top_k + int(n_extra.max())), np.inf)
+    cand_i = np.full(cand_d.shape, -1, dtype=np.int64)
+    cand_d[:, :top_k], cand_i[:, :top_k] = final, listed
+    slot = top_k + np.arange(flat.size) - np.repeat(np.cumsum(n_extra) - n_extra, n_extra)
+    cand_d[extra_q, slot] = (1.0 - lam) * jaccard + lam * d2 / rowmax[extra_q]
+    cand_i[extra_q, slot] = extra_r
+    return _sorted_top_k(cand_d, cand_i, top_k)
+
+
+def _sorted_top_k(dist: np.ndarray, idx: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``top_k`` smallest ``dist`` of every row with their ``idx``, ascending."""
+    if dist.shape[1] > top_k:
+        best = np.argpartition(dist, top_k - 1, axis=1)[:, :top_k]
+        dist, idx = np.take_along_axis(dist, best, axis=1), np.take_along_axis(idx, best, axis=1)
+    order = np.argsort(dist, axis=1)
+    return np.take_along_axis(dist, order, axis=1), np.take_along_axis(idx, order, axis=1)

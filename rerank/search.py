@@ -198,8 +198,7 @@ def search(query_desc: np.ndarray, ref_desc: np.ndarray, k: int, device: str = "
     q, r = check_pair(query_desc, ref_desc)
     k = clamp_top_k(k, r.shape[0], "k")
     batch_size = check_count(batch_size, "batch_size", 1)
-    dev = faiss_device(device)
-    idx = build_index(r, dev, index, k, hnsw_m=hnsw_m, ef_search=max(ef_search, k),
+    idx = build_index(r, faiss_device(device), index, k, hnsw_m=hnsw_m, ef_search=max(ef_search, k),
                       nlist=nlist, nprobe=nprobe)
     scores, indices = search_index(idx, q, k, batch_size, progress_enabled(progress))
     if index != "flat":

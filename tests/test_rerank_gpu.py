@@ -16,7 +16,7 @@ import pytest
 from _rerank_data import clustered
 
 import rerank.device as device_mod
-from rerank import alpha_query_expansion, database_augmentation, k_reciprocal, search
+from rerank import alpha_query_expansion, database_augmentation, diffusion, k_reciprocal, neighbour_graph, search
 
 search_mod = importlib.import_module("rerank.search")   # (``rerank.search`` the attribute is the function)
 
@@ -129,6 +129,23 @@ def test_kreciprocal_on_gpu_equals_cpu(fake_gpu):
     gd, gi = k_reciprocal(q, r, k1=30, k2=6, top_k=50, device="cuda")
     cd, ci = k_reciprocal(q, r, k1=30, k2=6, top_k=50)
     np.testing.assert_allclose(gd, cd, atol=1e-5)
+    assert (gi == ci).mean() > 0.99
+    assert fake_gpu.searched_k and max(fake_gpu.searched_k) <= 32
+
+
+def test_graph_and_diffusion_on_gpu_equal_cpu(fake_gpu):
+    fake_gpu.set_limit(32)           # lists of 20 + 9, queries 50 + 9 deep, 40 references: some sharded
+    x = clustered(500, d=16, seed=10)
+    q, r = x[:60], x[60:]
+    gpu = neighbour_graph(q, r, depth=21, query_depth=51, ref_depth=40, device="cuda")
+    cpu = neighbour_graph(q, r, depth=21, query_depth=51, ref_depth=40)
+    assert (gpu.neighbours(21, [21]) == cpu.neighbours(21, [21])).mean() > 0.99
+    assert (gpu.query_neighbours(51, 51) == cpu.query_neighbours(51, 51)).mean() > 0.99
+    np.testing.assert_allclose(np.sort(gpu.ref_ip, axis=1), np.sort(cpu.ref_ip, axis=1), atol=1e-5)
+    np.testing.assert_allclose(gpu.rowmax, cpu.rowmax, rtol=1e-6)
+    gs, gi = diffusion(q, r, k=20, truncate=50, top_k=40, device="cuda")
+    cs, ci = diffusion(q, r, k=20, truncate=50, top_k=40)
+    np.testing.assert_allclose(gs, cs, atol=1e-5)
     assert (gi == ci).mean() > 0.99
     assert fake_gpu.searched_k and max(fake_gpu.searched_k) <= 32
 
