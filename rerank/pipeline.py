@@ -20,7 +20,7 @@ from .graph import NeighbourGraph
 from .kreciprocal import k_reciprocal_unit
 from .search import build_index, faiss_device, search_index
 
-__all__ = ["RerankParams", "fit_params_to_set", "rerank"]
+__all__ = ["RerankParams", "expand", "fit_params_to_set", "rerank"]
 
 
 @dataclass
@@ -92,6 +92,29 @@ def _check_params(p: RerankParams) -> None:
         check_diffusion_params(p.diffusion_k, p.diffusion_alpha, p.diffusion_gamma, None)
 
 
+def _expand(q: np.ndarray, r: np.ndarray, p: RerankParams, dev: str) -> tuple[np.ndarray, np.ndarray]:
+    """DBA of the references, then alpha-QE of the queries against them (unit rows, fitted parameters)."""
+    if p.dba_n > 0:
+        r = augment_references(r, p.dba_n, p.dba_alpha, dev)
+    if p.aqe_n > 0:
+        q = expand_queries(q, r, p.aqe_n, p.aqe_alpha, dev)
+    return q, r
+
+
+def expand(query_desc: np.ndarray, ref_desc: np.ndarray, params: RerankParams,
+           device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """The descriptors ``rerank`` hands its re-ranker: DBA and alpha-QE of ``params`` applied.
+
+    Returns ``(query, reference)`` float32 unit rows, (nq, d) and (nr, d): ``rerank(query,
+    reference, params without DBA/alpha-QE)`` ranks as ``rerank(query_desc, ref_desc, params)``
+    does (tuning computes them once for many re-rankers).
+    """
+    X, nq = check_stacked(query_desc, ref_desc)
+    _check_params(params)
+    p, _ = fit_params_to_set(params, nq, X.shape[0] - nq)
+    return _expand(X[:nq], X[nq:], p, faiss_device(device))
+
+
 def rerank(query_desc: np.ndarray, ref_desc: np.ndarray, params: RerankParams | None = None,
            top_k: int = 1000, device: str = "cpu", progress: bool | None = None,
            graph: NeighbourGraph | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -121,11 +144,7 @@ def rerank(query_desc: np.ndarray, ref_desc: np.ndarray, params: RerankParams | 
         warnings.warn(f"re-ranking parameters clamped to the set size: {', '.join(notes)} "
                       f"for {nq} queries + {nr} references", UserWarning, stacklevel=2)
     dev, show = faiss_device(device), progress_enabled(progress)
-    q, r = X[:nq], X[nq:]
-    if p.dba_n > 0:
-        r = augment_references(r, p.dba_n, p.dba_alpha, dev)
-    if p.aqe_n > 0:
-        q = expand_queries(q, r, p.aqe_n, p.aqe_alpha, dev)
+    q, r = _expand(X[:nq], X[nq:], p, dev)
     if not (p.use_kreciprocal or p.use_diffusion):
         return search_index(build_index(r, dev, k=top_k), q, top_k, progress=show)
     if q.base is not X or r.base is not X:          # DBA or alpha-QE made new rows

@@ -130,26 +130,34 @@ def _budget_reached(trial: optuna.Trial, n_trials: int, stale_after_s: float | N
 
 def build_objective(problem: FoldProblem, space: SearchSpace, k: int = 1000,
                     cache: WhiteningCache | None = None, n_trials: int | None = None,
-                    device: str = "cpu", stale_after_s: float | None = None) -> Callable[[optuna.Trial], float]:
+                    device: str = "cpu", stale_after_s: float | None = None,
+                    ranker: Callable[[optuna.Trial], np.ndarray] | None = None) -> Callable[[optuna.Trial], float]:
     """Return the Optuna objective: the mean over folds of the sampled post-processing's mAP@k on ``problem``.
 
-    The fold scores, their spread and Recall@1 are kept as user attributes (``fold_maps``, ``spread``,
-    ``recall_at_1``). With ``n_trials`` set, a trial that would exceed that many completed trials of
-    the whole study (several workers) is pruned and stops its worker, so workers together complete
-    exactly N; ``stale_after_s``: see ``tuning.workers.is_stale``.
+    ``ranker(trial)`` samples the trial's parameters and returns its rankings of ``problem.data``
+    (default: a whole ``PostProcessing`` from ``space``, ranked by ``rank``; ``tuning.stages`` passes
+    its own). The fold scores, their spread and Recall@1 are kept as user attributes (``fold_maps``,
+    ``spread``, ``recall_at_1``). With ``n_trials`` set, a trial that would exceed that many completed
+    trials of the whole study (several workers) is pruned and stops its worker, so workers together
+    complete exactly N; ``stale_after_s``: see ``tuning.workers.is_stale``.
     """
     data = problem.data
     cache = cache if cache is not None else WhiteningCache(data.train)
     max_dim = max_whiten_dim(data)
     space = fit_space(space, len(data.query_labels), len(data.reference_labels))
 
+    def rank_trial(trial: optuna.Trial) -> np.ndarray:
+        post = suggest_postprocessing(trial, data.member_names, max_dim, space)
+        return rank(data, post, k, cache.get(post), device)
+
+    ranker = ranker if ranker is not None else rank_trial
+
     def objective(trial: optuna.Trial) -> float:
         if n_trials is not None and _budget_reached(trial, n_trials, stale_after_s):
             trial.set_user_attr("pruned_reason", "trial budget reached")
             trial.study.stop()
             raise optuna.TrialPruned("trial budget reached")
-        post = suggest_postprocessing(trial, data.member_names, max_dim, space)
-        scores = problem.score(rank(data, post, k, cache.get(post), device), k)
+        scores = problem.score(ranker(trial), k)
         trial.set_user_attr("recall_at_1", scores.recall_at_1)
         trial.set_user_attr(FOLD_MAPS_ATTR, [float(v) for v in scores.fold_maps])
         trial.set_user_attr(SPREAD_ATTR, scores.spread)

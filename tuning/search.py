@@ -30,7 +30,6 @@ import contextlib
 import logging
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,29 +38,18 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from competition.cli import ArgumentParser, UserError, number, run_command, show_progress
+from competition.cli import ArgumentParser, UserError, number, run_command
 from competition.metrics import file_keys
 from ensemble.postprocess import PostProcessing
-from tuning.budget import TrialBudget
 from tuning.choice import Candidate, FinalChoice, candidates, choose
 from tuning.folds import FoldScores, class_sizes
 from tuning.heldout import HeldoutSet, heldout_set
-from tuning.objective import (
-    SearchSpace,
-    WhiteningCache,
-    build_objective,
-    default_params,
-    fit_space,
-    max_whiten_dim,
-    post_from_params,
-    rank,
-    standard_params,
-)
+from tuning.objective import SearchSpace, WhiteningCache, fit_space, rank
+from tuning.plans import PLANS, STAGED_FROM, TrialProgress, defaults_trial, run_joint, run_staged, study_plan
 from tuning.problems import OBJECTIVES, distractor_count, split_halves, study_problems, tuning_problems
-from tuning.sampling import ReproducibleSampler
 from tuning.space import boundary_notes, sized_space
-from tuning.tensorboard import StudyBoard, require_tensorboard, write_choice
-from tuning.workers import DEFAULTS_ATTR, check_storage_url, is_stale, open_storage, recover_stale_trials
+from tuning.tensorboard import require_tensorboard, write_choice
+from tuning.workers import check_storage_url, is_stale, open_storage, recover_stale_trials
 
 __all__ = ["SearchConfig", "SearchResult", "distractor_count", "is_stale", "main", "open_storage",
            "recover_stale_trials", "run_search", "search_space", "split_halves", "split_warnings", "study_settings",
@@ -94,6 +82,9 @@ class SearchConfig:
     #                                          images (queries + gallery); None: the whole split
     final_top: int = 10            # the best trials re-scored on the whole split for the final choice
     spread_weight: float = 0.0     # final choice: mean over folds minus this times their spread
+    plan: str = "auto"             # "joint", "staged" or "auto" (by the study problem's size; ``tuning.plans``)
+    descriptor_share: float = 0.5  # staged: share of the trials that choose the descriptors
+    beam: int = 3                  # staged: the best distinct descriptor settings the re-rankers try
     tensorboard: str | None = None  # a folder: each completed trial's value and the best so far, then the choice
     heldout_remedy: str = "--heldout-fraction 0.4"   # how the caller holds out more classes (split warnings)
 
@@ -104,6 +95,7 @@ def study_settings(config: SearchConfig) -> dict[str, Any]:
     return {"objective": config.objective, "n_folds": config.n_folds, "check_share": config.check_share,
             "size_space": config.size_space, "max_study_images": config.max_study_images,
             "final_top": config.final_top, "spread_weight": config.spread_weight, "split_seed": config.split_seed,
+            "plan": config.plan, "descriptor_share": config.descriptor_share, "beam": config.beam,
             "space": asdict(config.space)}
 
 
@@ -132,6 +124,8 @@ class SearchResult:
     space: dict[str, Any] = field(default_factory=dict)   # the ranges searched and the class sizes they follow
     folds: list[list[str]] = field(default_factory=list)  # the classes of each fold
     study_rate: float = 1.0        # share of the split the study's trials ranked (class sample)
+    plan: str = "joint"            # how the trials ran (``tuning.plans``)
+    stages: list[dict[str, Any]] = field(default_factory=list)   # per stage: name, trials, best value
 
     def rate_line(self) -> str:
         """``N trials in S s (R trials/min)`` of this call."""
@@ -173,66 +167,6 @@ def split_warnings(search_half: HeldoutSet, values: list[float], k: int = 1000,
     return out
 
 
-def _defaults_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.user_attrs.get(DEFAULTS_ATTR)]
-    return min(done, key=lambda t: t.number) if done else None
-
-
-def _n_complete(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-
-
-class TrialProgress:
-    """An Optuna callback: one progress bar (on a terminal) with the best value so far, instead of
-    Optuna's line per trial; ``ran`` and ``seconds`` give the trials/min of the summary."""
-
-    def __init__(self, total: int, done: int) -> None:
-        from tqdm.auto import tqdm
-        self.ran, self.t0 = 0, time.monotonic()
-        self.bar = tqdm(total=total, initial=done, desc="tuning", unit="trial", disable=not show_progress())
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if trial.state == TrialState.COMPLETE:
-            self.ran += 1
-            self.bar.update(1)
-            try:
-                self.bar.set_postfix(best=f"{study.best_value:.4f}")
-            except ValueError:
-                pass
-
-    @property
-    def seconds(self) -> float:
-        return time.monotonic() - self.t0
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _optimize(study: optuna.Study, objective: Callable[[optuna.trial.Trial], float], config: SearchConfig,
-              progress: TrialProgress | None = None) -> None:
-    """Run trials until ``config.n_trials`` are COMPLETE in the study, all workers together, or until the
-    timeout (``tuning.budget``: dead workers' trials are recovered first, so a resumed study re-runs its
-    killed trial before any new one); each completed trial goes to ``config.tensorboard`` when set."""
-    budget = TrialBudget(config.n_trials, config.stale_after_s)
-    if (left := budget.start(study)) <= 0:
-        return
-    log.info("study %s: %d of %d trials complete or running, running up to %d more",
-             study.study_name, config.n_trials - left, config.n_trials, left)
-    with StudyBoard.open(config.tensorboard, config.k) as board:   # None without a folder
-        study.optimize(objective, n_trials=None, timeout=config.timeout, n_jobs=config.n_jobs,
-                       callbacks=[c for c in (budget, progress, board) if c is not None])
-
-
-def _create_or_load(name: str, storage: optuna.storages.BaseStorage | None, seed: int) -> tuple[optuna.Study, bool]:
-    """Return (study, created): created is True only for the process that created it (sampler: ``tuning.sampling``)."""
-    sampler = ReproducibleSampler(seed)
-    try:
-        return optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler), True
-    except optuna.exceptions.DuplicatedStudyError:
-        return optuna.load_study(study_name=name, storage=storage, sampler=sampler), False
-
-
 def run_search(heldout: HeldoutSet, config: SearchConfig | None = None,
                storage: str | optuna.storages.BaseStorage | None = None,
                study_name: str | None = None) -> SearchResult:
@@ -251,54 +185,37 @@ def _run_search(heldout: HeldoutSet, config: SearchConfig | None, storage: str |
     problems = study_problems(heldout, config)
     data = problems.study.data
     space = search_space(heldout, config, data)
-    study, created = _create_or_load(study_name or "postprocessing", open_storage(storage, config.heartbeat_s),
-                                     config.seed)
-    study.set_user_attr("search_classes", problems.folds.fold_classes)
-    names, max_dim = heldout.member_names, max_whiten_dim(heldout)
-    defaults = default_params(names, space)
-    if created:  # only the worker that created the study enqueues them: no duplicate with several workers
-        study.enqueue_trial(defaults, user_attrs={DEFAULTS_ATTR: True}, skip_if_exists=True)
-        for stage in ("kreciprocal", "diffusion"):
-            study.enqueue_trial(standard_params(names, space, max_dim, stage), skip_if_exists=True)
+    plan = study_plan(config, problems)
+    runner = run_staged if plan == "staged" else run_joint
     cache = WhiteningCache(heldout.train)
-    objective = build_objective(problems.study, space, k=config.k, cache=cache, n_trials=config.n_trials,
-                                device=config.device, stale_after_s=config.stale_after_s)
-    progress = TrialProgress(config.n_trials, _n_complete(study))
+    progress = TrialProgress(config.n_trials, 0)
     try:
-        _optimize(study, objective, config, progress)
+        run = runner(problems, heldout, config, space, open_storage(storage, config.heartbeat_s),
+                     study_name or "postprocessing", progress, cache)
     finally:
         progress.close()
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = run.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
-        raise RuntimeError(f"study {study.study_name}: no completed trial")
-
-    def decode(params: dict) -> PostProcessing:
-        return post_from_params(params, names, space)
-
-    def final_scores(post: PostProcessing) -> FoldScores:
-        return problems.final_scores([p.score(rank(p.data, post, config.k, cache.get(post), config.device), config.k)
-                                      for p in problems.final])
-
-    choice = choose([Candidate(n, params, post, value, final_scores(post))
-                     for n, params, post, value in candidates(study, config.final_top, decode)],
-                    config.spread_weight, problems.final_fold_queries())
-    dtrial = _defaults_trial(study)
-    default_post = decode(defaults)
-    default_scores = final_scores(default_post)
+        raise RuntimeError(f"study {run.study.study_name}: no completed trial")
+    scored = [Candidate(n, params, post, value, run.score(params))
+              for n, params, post, value in candidates(run.study, config.final_top, run.decode)]
+    choice = choose(scored, config.spread_weight, problems.final_fold_queries())
+    dtrial = defaults_trial(run.study)
+    default_scores = run.score(run.defaults)
     defaults_value = float(dtrial.value) if dtrial is not None else problems.study.score(
-        rank(data, default_post, config.k, device=config.device), config.k).value
+        rank(data, run.decode(run.defaults), config.k, device=config.device), config.k).value
     values = [float(t.value) for t in complete]
     top = [t.params for t in sorted(complete, key=lambda t: -t.value)[:config.final_top]]
-    warnings = split_warnings(data, values, config.k, config.heldout_remedy) + boundary_notes(top, space)
+    warnings = split_warnings(data, values, config.k, config.heldout_remedy) + boundary_notes(top, run.space)
     for w in warnings:
         log.warning("%s", w)
     return SearchResult(
         best_post=choice.chosen.post, best_value=choice.chosen.study_value, best_trial=choice.chosen.trial,
         defaults_value=defaults_value, check_best=_check(choice.chosen.scores), check_defaults=_check(default_scores),
         search_classes=problems.folds.fold_classes, check_classes=list(problems.folds.check),
-        n_complete=len(complete), study=study, k=config.k, warnings=warnings, trials_run=progress.ran,
+        n_complete=run.n_complete, study=run.study, k=config.k, warnings=warnings, trials_run=progress.ran,
         seconds=round(progress.seconds, 1), final=final_summary(choice), space=_space_summary(space, heldout),
-        folds=[list(f) for f in problems.folds.folds], study_rate=problems.study.rate)
+        folds=[list(f) for f in problems.folds.folds], study_rate=problems.study.rate, plan=plan, stages=run.stages)
 
 
 def search_space(heldout: HeldoutSet, config: SearchConfig, study_data: HeldoutSet) -> SearchSpace:
@@ -409,6 +326,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     help="trials rank a class sample of at most about N images; the final choice re-scores on all")
     ap.add_argument("--final-top", type=number(int, 1), default=10, metavar="N",
                     help="the best N trials re-scored on the whole split for the final choice")
+    ap.add_argument("--plan", choices=PLANS, default="auto",
+                    help="joint: every trial draws every parameter; staged: descriptors first, then re-rankers on "
+                         "prepared graphs (large splits); auto: staged when the study ranks more than "
+                         f"{STAGED_FROM:,} images")
     ap.add_argument("--spread-weight", type=number(float, 0.0), default=0.0, metavar="C",
                     help="final choice: highest mean over folds minus C times their standard deviation")
     ap.add_argument("--fixed-space", action="store_true",
@@ -440,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                           distractors=args.distractors, n_folds=args.folds, check_share=args.check_share,
                           space=SearchSpace(kreciprocal=not args.no_kreciprocal, diffusion=not args.no_diffusion),
                           size_space=not args.fixed_space, max_study_images=args.max_study_images,
-                          final_top=args.final_top, spread_weight=args.spread_weight,
+                          final_top=args.final_top, spread_weight=args.spread_weight, plan=args.plan,
                           stale_after_s=args.stale_after, heartbeat_s=args.heartbeat, tensorboard=args.tensorboard)
     r = tune_bundle(args.bundle, config, storage=args.storage, study_name=args.study,
                     write_report=not args.no_report)

@@ -26,8 +26,12 @@ import optuna
 from ensemble.postprocess import PostProcessing
 from rerank.pipeline import RerankParams
 
-__all__ = ["SearchSpace", "boundary_notes", "default_params", "fit_space", "post_from_params", "sized_space",
-           "standard_params", "suggest_postprocessing", "weight_name"]
+__all__ = ["RERANKER_KEYS", "SearchSpace", "boundary_notes", "default_params", "fit_space", "post_from_params",
+           "sized_space", "standard_params", "suggest_descriptors", "suggest_postprocessing", "suggest_reranker",
+           "weight_name"]
+
+RERANKER_KEYS = ("kreciprocal", "k1", "k2", "lambda_value", "diffusion", "diffusion_k", "diffusion_alpha",
+                 "diffusion_gamma")   # the trial parameters ``suggest_reranker`` draws
 
 
 @dataclass
@@ -89,6 +93,13 @@ def weight_name(member: str) -> str:
 def suggest_postprocessing(trial: optuna.Trial, member_names: Sequence[str], max_dim: int,
                            space: SearchSpace) -> PostProcessing:
     """Sample one ``PostProcessing`` from ``space`` (conditional params only when switched on)."""
+    suggest_descriptors(trial, member_names, max_dim, space)
+    suggest_reranker(trial, space)
+    return post_from_params(trial.params, member_names, space)
+
+
+def suggest_descriptors(trial: optuna.Trial, member_names: Sequence[str], max_dim: int, space: SearchSpace) -> None:
+    """Sample what the descriptors a re-ranker sees depend on: weights, whitening, DBA, aQE."""
     if len(member_names) > 1:
         for name in member_names:
             trial.suggest_float(weight_name(name), space.weight_low, space.weight_high, step=space.weight_step)
@@ -99,6 +110,10 @@ def suggest_postprocessing(trial: optuna.Trial, member_names: Sequence[str], max
         trial.suggest_float("dba_alpha", space.alpha_low, space.alpha_high)
     if trial.suggest_int("aqe_n", 0, space.max_aqe_n) > 0:
         trial.suggest_float("aqe_alpha", space.alpha_low, space.alpha_high)
+
+
+def suggest_reranker(trial: optuna.Trial, space: SearchSpace) -> None:
+    """Sample the re-ranker: k-reciprocal, else diffusion, else none, with its parameters."""
     kreciprocal = space.kreciprocal and trial.suggest_categorical("kreciprocal", [False, True])
     if kreciprocal:
         trial.suggest_int("k1", *space.k1_range)
@@ -108,7 +123,6 @@ def suggest_postprocessing(trial: optuna.Trial, member_names: Sequence[str], max
         trial.suggest_int("diffusion_k", *space.diffusion_k_range, log=True)
         trial.suggest_float("diffusion_alpha", *space.diffusion_alpha_range)
         trial.suggest_float("diffusion_gamma", *space.diffusion_gamma_range)
-    return post_from_params(trial.params, member_names, space)
 
 
 def post_from_params(params: dict[str, Any], member_names: Sequence[str], space: SearchSpace) -> PostProcessing:
