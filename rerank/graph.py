@@ -11,11 +11,14 @@ Rows are all ``N = nq + nr`` descriptors, queries first (row ``nq + j`` is refer
 * for query rows, the ``ref_depth`` nearest references (a plain search), unordered.
 
 On the CPU one blocked float32 GEMM over the upper triangle of the Gram matrix
-``X X^T`` feeds every list at once (:func:`_graph_fused`), each product used for both of
-its rows; on a GPU, faiss index searches (:func:`_graph_searched`). Memory is
-O(N * depth + nq * (query_depth + ref_depth) + block * tile), never O(N^2).
+``X X^T`` feeds every list at once (:func:`_graph_fused`; row blocks on as many threads
+as BLAS has), each product used for both of its rows, and each tile reduced to the few
+scores that can still enter a list (:mod:`rerank._topk`); on a GPU, faiss index
+searches (:func:`_graph_searched`). Memory is O(N * depth + nq * (query_depth +
+ref_depth) + threads * tile), never O(N^2).
 
-Inputs are trusted here: float32 C-contiguous unit rows (see :mod:`rerank._checks`).
+:func:`neighbour_graph` validates its input; :func:`build_graph` and the methods trust
+theirs: float32 C-contiguous unit rows (see :func:`rerank._checks.check_stacked`).
 """
 
 from __future__ import annotations
