@@ -4,7 +4,9 @@ NumPy, SciPy and faiss release the GIL inside their kernels, so threads run bloc
 parallel. While they do, the BLAS and OpenMP pools are held to one thread each (through
 ``threadpoolctl``; a GEMM per thread instead of one GEMM over all), and put back after.
 The number of threads is the number the BLAS pool had: ``OPENBLAS_NUM_THREADS=1`` (or
-``OMP_NUM_THREADS=1``) keeps all of rerank on one thread.
+``OMP_NUM_THREADS=1``) keeps all of rerank on one thread. The limits are process-wide:
+while blocks run, BLAS calls of other threads (say, parallel tuning trials) get one
+thread too.
 """
 
 from __future__ import annotations

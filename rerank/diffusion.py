@@ -115,7 +115,7 @@ def diffusion_graph(graph: NeighbourGraph, k: int, alpha: float, gamma: float, t
     nq = graph.n_query
     W_upper = _affinity(graph, k, gamma)
     if truncate is None:               # one factorisation, solved block after block
-        solve, block, workers = _whole_graph_solver(W_upper, alpha), _SYSTEM_ENTRIES // W_upper.shape[0], 1
+        solve, block, workers = _whole_graph_solver(graph, W_upper, alpha), _SYSTEM_ENTRIES // W_upper.shape[0], 1
     else:
         solve, block = _subgraph_solver(graph, W_upper, alpha, truncate), _SYSTEM_ENTRIES // (truncate + 1)
         workers = blas_threads()
@@ -147,9 +147,10 @@ def _subgraph_solver(graph: NeighbourGraph, W_upper: sp.csr_matrix, alpha: float
     return solve
 
 
-def _whole_graph_solver(W_upper: sp.csr_matrix, alpha: float) -> Solver:
-    """``solve(s, e) -> (nodes (b, N), f (b, N))`` for queries s..e on the whole graph: one
-    sparse LU factorisation of ``I - alpha W``, then a solve per block of queries."""
+def _whole_graph_solver(graph: NeighbourGraph, W_upper: sp.csr_matrix, alpha: float) -> Solver:
+    """``solve(s, e) -> (nodes (b, N), f (b, N))`` for queries s..e on the whole graph (all
+    rows, nearest first): one sparse LU factorisation of ``I - alpha W``, then a solve per
+    block of queries."""
     n = W_upper.shape[0]
     lu = spla.splu((sp.identity(n, format="csc") - alpha * (W_upper + W_upper.T)).tocsc())
 
@@ -157,7 +158,9 @@ def _whole_graph_solver(W_upper: sp.csr_matrix, alpha: float) -> Solver:
         rhs = np.zeros((n, e - s))
         rhs[np.arange(s, e), np.arange(e - s)] = 1.0
         f = lu.solve(rhs).T
-        return np.broadcast_to(np.arange(n), f.shape), f
+        by_ip = np.argsort(-(graph.desc[s:e] @ graph.desc.T), axis=1)
+        nodes = np.concatenate([np.arange(s, e)[:, None], _nearest_others(by_ip, n - 1, s)], axis=1)
+        return nodes, np.take_along_axis(f, nodes, axis=1)
     return solve
 
 
@@ -177,10 +180,12 @@ def _affinity(graph: NeighbourGraph, k: int, gamma: float) -> sp.csr_matrix:
     return sp.csr_matrix((a * scale[i] * scale[j], (i, j)), shape=(n, n))
 
 
-def _nearest_others(lists: np.ndarray, k: int) -> np.ndarray:
-    """(n, k): the first k entries of each row's list (k + 1 long) other than the row itself."""
+def _nearest_others(lists: np.ndarray, k: int, first: int = 0) -> np.ndarray:
+    """(n, k): the first k entries of each row's list (of rows ``first``, ``first + 1``, ..;
+    at least k + 1 long) other than the row itself."""
     n = lists.shape[0]
-    is_self = lists == np.arange(n)[:, None]
+    lists = lists[:, :k + 1]
+    is_self = lists == np.arange(first, first + n)[:, None]
     keep = ~is_self
     keep[~is_self.any(axis=1), k] = False          # the row is not in its list: drop the last
     return lists[keep].reshape(n, k)
@@ -247,28 +252,30 @@ def _block_upper(W_upper: sp.csr_matrix, nodes: np.ndarray) -> sp.csr_matrix:
 
 def _rank_block(graph: NeighbourGraph, s: int, nodes: np.ndarray, f: np.ndarray,
                 top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``top_k`` references of queries ``s .. s + b`` by (f desc, inner product desc).
+    """Top ``top_k`` references of queries ``s .. s + b`` by f descending, then inner product.
 
-    Candidates: the references among ``nodes`` (b, m) with their ``f`` (b, m), and the
-    query's ``top_k`` references by inner product from the graph (f = 0 where not among
-    ``nodes``): every reference ``f`` reaches is a node, and the best unreached ones by
-    inner product are among the listed. Returns (scores (b, top_k) float32, indices int64).
+    ``nodes`` (b, m): each query's rows nearest first (the query itself first), ``f`` (b, m)
+    on them. Candidates: the references among ``nodes``, and the query's ``top_k``
+    references by inner product from the graph (f = 0 where not among ``nodes``): every
+    reference f reaches is a node, and the best unreached ones by inner product are among
+    the listed. One sort key: ``-f`` where f > 0, else the rank by inner product (a node's
+    place in ``nodes``; listed references past all nodes, by their inner product).
+    Returns (scores (b, top_k) float32, indices (b, top_k) int64).
     """
     nq = graph.n_query
-    b = nodes.shape[0]
-    queries = np.arange(s, s + b)
+    b, m = nodes.shape
     is_ref = nodes >= nq
     node_ref = np.where(is_ref, nodes - nq, -1)
-    node_f = np.where(is_ref, f, -np.inf)
-    node_ip = np.where(is_ref, dot_pairs(graph.desc, np.repeat(queries, nodes.shape[1]),
-                                         nodes.ravel()).reshape(nodes.shape), -np.inf)
+    node_key = np.where(f > 0, -f, np.arange(m, dtype=np.float64))
+    node_key[~is_ref] = np.inf
     listed = graph.ref_idx[s:s + b].astype(np.int64)
     in_nodes = np.zeros((b, graph.n_ref), dtype=bool)
     in_nodes[np.nonzero(is_ref)[0], node_ref[is_ref]] = True
-    listed_dup = in_nodes[np.arange(b)[:, None], listed]
+    listed_key = np.where(in_nodes[np.arange(b)[:, None], listed], np.inf,
+                          m + 2.0 - graph.ref_ip[s:s + b].astype(np.float64))
+    key = np.concatenate([node_key, listed_key], axis=1)
     cand_ref = np.concatenate([node_ref, listed], axis=1)
-    cand_f = np.concatenate([node_f, np.where(listed_dup, -np.inf, 0.0)], axis=1)
-    cand_ip = np.concatenate([node_ip, np.where(listed_dup, -np.inf, graph.ref_ip[s:s + b])], axis=1)
-    order = np.lexsort((-cand_ip, -cand_f), axis=1)[:, :top_k]
-    return (np.take_along_axis(cand_f, order, axis=1).astype(np.float32),
-            np.take_along_axis(cand_ref, order, axis=1))
+    best = np.argpartition(key, top_k - 1, axis=1)[:, :top_k] if key.shape[1] > top_k else np.arange(top_k)[None]
+    best = np.take_along_axis(best, np.argsort(np.take_along_axis(key, best, axis=1), axis=1), axis=1)
+    best_key = np.take_along_axis(key, best, axis=1)
+    return np.where(best_key < 0, -best_key, 0.0).astype(np.float32), np.take_along_axis(cand_ref, best, axis=1)

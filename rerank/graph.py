@@ -11,11 +11,14 @@ Rows are all ``N = nq + nr`` descriptors, queries first (row ``nq + j`` is refer
 * for query rows, the ``ref_depth`` nearest references (a plain search), unordered.
 
 On the CPU one blocked float32 GEMM over the upper triangle of the Gram matrix
-``X X^T`` feeds every list at once (:func:`_graph_fused`), each product used for both of
-its rows; on a GPU, faiss index searches (:func:`_graph_searched`). Memory is
-O(N * depth + nq * (query_depth + ref_depth) + block * tile), never O(N^2).
+``X X^T`` feeds every list at once (:func:`_graph_fused`; row blocks on as many threads
+as BLAS has), each product used for both of its rows, and each tile reduced to the few
+scores that can still enter a list (:mod:`rerank._topk`); on a GPU, faiss index
+searches (:func:`_graph_searched`). Memory is O(N * depth + nq * (query_depth +
+ref_depth) + threads * tile), never O(N^2).
 
-Inputs are trusted here: float32 C-contiguous unit rows (see :mod:`rerank._checks`).
+:func:`neighbour_graph` validates its input; :func:`build_graph` and the methods trust
+theirs: float32 C-contiguous unit rows (see :func:`rerank._checks.check_stacked`).
 """
 
 from __future__ import annotations
@@ -201,14 +204,7 @@ class _Farthest:
 
     def add_rows(self, row0: int, scores: np.ndarray, id0: int) -> None:
         """Rows ``row0 + i`` meet ids ``id0 + j``: their minimum, exactly (argmin is fast along rows)."""
-        rows = slice(row0, row0 + scores.shape[0])
-        best = scores.argmin(axis=1)
-        val = scores[np.arange(scores.shape[0]), best]
-        with self._lock:
-            better = val < self.low[rows]
-            self.low[rows] = np.where(better, val, self.low[rows])
-            self.chunk[rows] = np.where(better, id0 + best, self.chunk[rows])
-            self.exact[rows] |= better
+        self._update(row0, scores, id0, 1, True)
 
     def add_columns(self, row0: int, scores: np.ndarray, id0: int) -> None:
         """Rows ``row0 + j`` meet ids ``id0 + i``: the minimum of each run of _FAR_CHUNK ids."""
@@ -217,15 +213,18 @@ class _Farthest:
         parts = [scores[:body].reshape(-1, _FAR_CHUNK, scores.shape[1]).min(axis=1)] if body else []
         if body < b:
             parts.append(scores[body:].min(axis=0, keepdims=True))
-        minima = np.concatenate(parts).T if len(parts) > 1 else parts[0].T
-        rows = slice(row0, row0 + scores.shape[1])
+        self._update(row0, (np.concatenate(parts) if len(parts) > 1 else parts[0]).T, id0, _FAR_CHUNK, False)
+
+    def _update(self, row0: int, minima: np.ndarray, id0: int, step: int, exact: bool) -> None:
+        """Rows ``row0 + i`` take ``minima[i].min()`` where lower, at id ``id0 + step * argmin``."""
+        rows = slice(row0, row0 + minima.shape[0])
         best = minima.argmin(axis=1)
         val = minima[np.arange(minima.shape[0]), best]
         with self._lock:
             better = val < self.low[rows]
             self.low[rows] = np.where(better, val, self.low[rows])
-            self.chunk[rows] = np.where(better, id0 + best * _FAR_CHUNK, self.chunk[rows])
-            self.exact[rows] &= ~better
+            self.chunk[rows] = np.where(better, id0 + step * best, self.chunk[rows])
+            self.exact[rows] = np.where(better, exact, self.exact[rows])
 
     def rows(self, X: np.ndarray) -> np.ndarray:
         """(N,) int64 the farthest row of every row (one small GEMM per chunk)."""
