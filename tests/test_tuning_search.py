@@ -239,7 +239,7 @@ def test_cli_on_a_real_bundle(ens_env):
                            cache_dir=ens_env.root / "cache") for n, s in (("a", 1), ("b", 2))]
     path = ens_env.root / "B"
     build_bundle(members, ens_env.data, ens_env.split, path, BuildOptions(progress=False))
-    assert main(["--bundle", str(path), "--trials", "6", "--no-report"]) == 0
+    assert main(["--bundle", str(path), "--trials", "6", "--no-report", "--final-top", "1"]) == 0  # the best trial
     report_dir = ens_env.root / "B.tuning"
     study = optuna.load_study(study_name="postprocessing", storage=f"sqlite:///{report_dir}/study.db")
     best = Bundle.load(path).post
