@@ -21,7 +21,8 @@ runs in one: ``competition.cli.run_command``):
   lines off).
 
 When the block ends, returning or raising, all of it is as it was found. Nested, it adds no second
-handler (a command's main may narrow what the one of ``run_command`` shows).
+handler and keeps the outer one's warning format: a command's main may narrow or widen what the
+console of ``run_command`` shows (levels, Optuna imported since).
 
 Lines, for people: an info record is its message alone on stdout; a warning ``warning: <message>``
 and an error ``error: <message>`` on stderr. No logger name, level or time.
@@ -99,8 +100,8 @@ def console(quiet: bool = False, keep: Sequence[str] = (), debug: bool = False) 
     saved_format = warnings.formatwarning
     added = None
     try:
-        if not any(isinstance(h, ConsoleHandler) for h in root.handlers):
-            added = ConsoleHandler()
+        if not any(isinstance(h, ConsoleHandler) for h in root.handlers):   # nested: the outer one's handler
+            added = ConsoleHandler()                                         # and warning format stay
             root.addHandler(added)
         root.setLevel(logging.WARNING)
         for name in KIT_LOGGERS:
@@ -112,7 +113,7 @@ def console(quiet: bool = False, keep: Sequence[str] = (), debug: bool = False) 
                 optuna.removeHandler(handler)
             optuna.setLevel(logging.WARNING)
             optuna.propagate = True
-        if not debug:
+        if added is not None and not debug:
             warnings.formatwarning = one_line_warning
         yield
     finally:

@@ -71,6 +71,9 @@ def test_nested_consoles_print_each_line_once(capsys):
         logging.getLogger("backbones.test.detail").info("shown again")
         assert sum(isinstance(h, ConsoleHandler) for h in logging.getLogger().handlers) == 1
     assert capsys.readouterr().out == "stage\nshown again\n"
+    python_format = warnings.formatwarning
+    with console(debug=True), console():   # --debug: Python's warning format, file and line, even nested
+        assert warnings.formatwarning is python_format
 
 
 def test_optunas_log_goes_through_the_console_at_warning(capsys):
