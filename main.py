@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import logging
 import os
 import shutil
 import sys
@@ -37,12 +38,15 @@ except ImportError:  # anywhere else: the local stand-in with the same functions
     IS_ON_NSML = False
 
 from competition.cli import ArgumentParser, UserError, number, run_command
+from competition.console import console
 from competition.data import QUERY_DIR, REFERENCE_DIR, image_name, list_images, read_labels
 from competition.fileio import atomic_write_json, copy_file, make_dirs
 from competition.metrics import file_keys
 from competition.submission import Submission, build_submission, score_rankings, validate_submission, write_submission
 
 OUTPUT_FILES = ("submission.json", "submission.csv", "scores.json", "retrieval.png")
+
+log = logging.getLogger(__name__)
 
 
 class SessionState:
@@ -107,10 +111,10 @@ def bind_model(state: SessionState) -> None:
             state.bundle, state.ensemble = Bundle.load(candidate), None  # read in place, verified
             # NSML may delete dir_name once load returns: what inference needs goes into memory now
             state.inference_ensemble().preload()
-            print(f"loaded ensemble checkpoint from {source}", flush=True)
+            log.info("loaded ensemble checkpoint from %s", source)
         elif is_run(candidate):  # a member for a build: its files are read later, so they are copied
             state.member_dirs.append(copy_run(candidate, state.workdir / f"member-{len(state.member_dirs)}"))
-            print(f"loaded member run from {source}", flush=True)
+            log.info("loaded member run from %s", source)
         else:
             raise UserError(f"{source}: neither an ensemble checkpoint nor a backbone run")
 
@@ -150,12 +154,13 @@ def build_checkpoint(state: SessionState, args: argparse.Namespace) -> None:
                          seed=args.seed, workers=args.workers, cache_dir=state.workdir / "cache")
     state.bundle, summary = build_from_paths([str(m) for m in members], state.data_root or DATASET_PATH,
                                              out, config)
-    print(summary.line(), flush=True)
+    log.info("%s", summary.line())
     nsml.report(step=0, members=len(members))
     if args.trials > 0:
         from ensemble.bundle import Bundle
         from tuning.search import SearchConfig, tune_bundle
-        result = tune_bundle(out, SearchConfig(n_trials=args.trials, seed=args.seed, k=args.k))
+        with console():   # Optuna is imported now: its log joins the console's
+            result = tune_bundle(out, SearchConfig(n_trials=args.trials, seed=args.seed, k=args.k))
         nsml.report(summary=True, step=args.trials, heldout_map=result.best_value,
                     heldout_map_default=result.defaults_value)
         state.bundle = Bundle.load(out)
@@ -215,14 +220,14 @@ def submit_locally(state: SessionState, args: argparse.Namespace) -> dict | None
         labels = read_labels(root)  # a malformed file stops here, before the ranking
     except FileNotFoundError:
         labels = None
-        print("no test/labels.csv: the submission will not be scored", flush=True)
+        log.info("no test/labels.csv: the submission will not be scored")
     if labels is not None:
         coverage = label_coverage(labels, query_names, reference_names)
         if not coverage.labelled_queries:
             raise DataError(f"{root / LABELS_FILE}: labels none of the {len(query_names)} queries in "
                             f"{root / QUERY_DIR} (e.g. {query_names[:3]}); fix it, or remove it for an unscored run")
         if coverage.unlabelled_queries or coverage.unlabelled_references:
-            print(coverage.summary(), flush=True)
+            log.info("%s", coverage.summary())
     submission = nsml.infer(query_paths)
     scores = indices = None
     if labels is not None:
@@ -320,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.data:
             raise UserError("without NSML, --data DATASET is required")
         nsml.DATASET_PATH = args.data
-    print(runtime_report(args.device), flush=True)
+    log.info("%s", runtime_report(args.device))
     state = SessionState(args.data or DATASET_PATH, None if args.full_ranking else args.k, args.device,
                          args.cache_dir, args.workers)
     bind_model(state)

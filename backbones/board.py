@@ -26,13 +26,16 @@ from competition.cli import UserError
 SCORE_KEYS = ("mAP@", "Recall@1")   # the log row's "val" keys drawn (counts such as n_query are not)
 
 
-def require_tensorboard() -> None:
-    """Raise UserError (one line, what to install) when the ``tensorboard`` package is missing."""
+def require_tensorboard() -> type:
+    """``torch.utils.tensorboard.SummaryWriter``; UserError (one line, what to install) when the
+    ``tensorboard`` package is missing. The one check of every ``--tensorboard`` (training and tuning)."""
     try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401 - imported to check it can be
+        import tensorboard  # noqa: F401 - torch's writer needs it
+        from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
         raise UserError(f"--tensorboard needs the tensorboard package ({exc}): pip install tensorboard, or "
                         f"leave --tensorboard out") from None
+    return SummaryWriter
 
 
 class Board:
@@ -41,10 +44,9 @@ class Board:
     def __init__(self, root: str | os.PathLike, run_dir: str | os.PathLike, first_epoch: int):
         """Write into ``root/<run_dir's name>``; events of epochs >= ``first_epoch`` (the first this
         invocation draws) that earlier invocations left there are hidden."""
-        from torch.utils.tensorboard import SummaryWriter
-
+        writer_class = require_tensorboard()
         self.folder = Path(root) / Path(run_dir).resolve().name
-        self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=first_epoch)
+        self.writer = writer_class(log_dir=str(self.folder), purge_step=first_epoch)
 
     def epoch(self, row: dict, lrs: dict[str, float] | None = None) -> None:
         """Write the scalars of one log.jsonl ``row`` (``lrs``: ``{part: learning rate}``) and flush them."""

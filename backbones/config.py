@@ -13,7 +13,7 @@ from typing import Any
 
 from backbones.heads import HEADS
 from competition.cli import ArgumentParser, UserError, number
-from competition.settings import Setting, SettingError, declared
+from competition.settings import Setting, SettingError, declared, known_keys
 
 GROUPS = {
     "data": "data and augmentation",
@@ -182,10 +182,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict, where: str = "training options") -> "TrainConfig":
         """Inverse of ``to_dict``; unknown keys raise ``ConfigError`` naming them and ``where``."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"{where}: unknown training option(s) {unknown}")
+        d = known_keys(d, cls, "training option(s)", where, error=ConfigError)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}).check()
 
 

@@ -10,8 +10,8 @@ checks that they fit. Bodies are created with ``pretrained=False``: nothing is f
 from __future__ import annotations
 
 import difflib
+import logging
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from backbones.pretrained import PretrainedMismatch, PretrainedUnavailable, Weights, find_weights
 from competition.cli import UserError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ARCH_ALIASES", "ArchError", "GeM", "ModelSpec", "PretrainedMismatch", "PretrainedUnavailable",
            "RetrievalNet", "build_model", "input_memory_format", "load_pretrained", "model_from_spec", "resolve_arch"]
@@ -236,7 +238,7 @@ def build_model(arch: str, embedding_dim: int = 512, pretrained: str | os.PathLi
     ``pretrained``: None (random weights), a local file, ``"timm"`` or ``"hf-hub:ORG/NAME"`` (see
     ``backbones.pretrained``); the spec's mean/std are those of the weights loaded. A family name
     (``efficientnet``) takes the member the weights declare or are named after. With ``announce``,
-    prints one line saying what was loaded (and warns on stderr when a tagged ``arch`` gets no weights).
+    logs one line saying what was loaded (and a warning when a tagged ``arch`` gets no weights).
     Raises ArchError, PretrainedUnavailable or PretrainedMismatch.
     """
     name = resolve_arch(arch)
@@ -247,10 +249,10 @@ def build_model(arch: str, embedding_dim: int = 512, pretrained: str | os.PathLi
         msg = f"no --pretrained weights: training {name} from random initialisation"
         tag = timm.models.split_model_name_tag(name)[1]
         if tag and announce:
-            print(f"warning: --arch {arch} names timm's {tag} weights, but without --pretrained {name} trains from "
-                  f"random weights; add --pretrained timm to start from them", file=sys.stderr, flush=True)
+            log.warning("--arch %s names timm's %s weights, but without --pretrained %s trains from random weights; "
+                        "add --pretrained timm to start from them", arch, tag, name)
     if announce:
-        print(msg, flush=True)
+        log.info("%s", msg)
     return model
 
 

@@ -21,9 +21,12 @@ import os
 import warnings
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from backbones.config import TrainConfig
 from competition.cli import UserError, UserErrors, one_line
+
+if TYPE_CHECKING:   # annotations only: device_problem serves ensemble.build's --device without torch
+    from backbones.config import TrainConfig
 
 __all__ = ["PreflightError", "preflight", "pretrained_problem", "train_problems"]
 

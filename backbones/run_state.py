@@ -14,6 +14,7 @@ A resumed run restores all of it and replays the epochs left exactly as an unint
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from backbones.model import RetrievalNet
 from backbones.sampler import PKSampler
 from competition.data import LoadReport, TrainIndex
 from competition.split import HeldoutSplit
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,9 +88,9 @@ class TrainRun:
         return self.ema.module if self.ema is not None else self.model
 
     def say(self, text: str, every_epoch: bool = False) -> None:
-        """Print on rank 0 (a per-epoch line not with --quiet)."""
+        """A notice of rank 0 (a per-epoch line not with --quiet)."""
         if self.is_main and not (every_epoch and self.cfg.quiet):
-            print(text)
+            log.info("%s", text)
 
 
 def changed_options(saved: dict | None, now: dict) -> list[str]:

@@ -7,11 +7,13 @@ disjoint slice ``batches[rank::world_size]`` (all ranks get the same count).
 """
 from __future__ import annotations
 
-import warnings
+import logging
 from typing import Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
+
+log = logging.getLogger(__name__)
 
 
 class PKSampler(Sampler[list[int]]):
@@ -24,7 +26,7 @@ class PKSampler(Sampler[list[int]]):
             raise ValueError("PKSampler: no training images")
         self.by_class = [np.flatnonzero(self.labels == c) for c in np.unique(self.labels)]
         if p > len(self.by_class):
-            warnings.warn(f"PKSampler: P={p} > {len(self.by_class)} classes; using P={len(self.by_class)}")
+            log.warning("PKSampler: P=%d > %d classes; using P=%d", p, len(self.by_class), len(self.by_class))
             p = len(self.by_class)
         if p < 1 or k < 1:
             raise ValueError(f"PKSampler: P and K must be >= 1, got P={p}, K={k}")

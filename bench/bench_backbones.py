@@ -18,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,6 +45,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def images_per_s(step: Callable[[], None], bs: int, steps: int, warmup: int, device: torch.device) -> float:
+    """Images/s of ``steps`` timed calls of ``step`` (``bs`` images each) after ``warmup`` untimed ones;
+    the device is synchronised at both ends of the clock."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return bs * steps / (time.perf_counter() - t0)
+
+
 def bench_train(arch: str, size: int, bs: int, steps: int, warmup: int, v: Variant, device: torch.device) -> float:
     """Return training images/s (fwd + bwd + optimizer step) on synthetic tensors."""
     torch.manual_seed(0)
@@ -55,18 +69,15 @@ def bench_train(arch: str, size: int, bs: int, steps: int, warmup: int, v: Varia
     x = torch.randn(bs, 3, size, size, device=device).contiguous(memory_format=fmt)
     y = torch.arange(bs, device=device) // 4
     dtype = autocast_dtype(v.amp, device)
-    t0 = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
-            _sync(device)
-            t0 = time.perf_counter()
+
+    def step() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    _sync(device)
-    return bs * steps / (time.perf_counter() - t0)
+
+    return images_per_s(step, bs, steps, warmup, device)
 
 
 def bench_extract(arch: str, size: int, bs: int, steps: int, warmup: int, v: Variant, device: torch.device) -> float:
@@ -76,16 +87,13 @@ def bench_extract(arch: str, size: int, bs: int, steps: int, warmup: int, v: Var
     model = model.to(memory_format=fmt)
     x = torch.randn(bs, 3, size, size, device=device).contiguous(memory_format=fmt)
     dtype = autocast_dtype(v.amp, device)
-    t0 = 0.0
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            model(x)
+
     with torch.inference_mode():
-        for i in range(warmup + steps):
-            if i == warmup:
-                _sync(device)
-                t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                model(x)
-    _sync(device)
-    return bs * steps / (time.perf_counter() - t0)
+        return images_per_s(step, bs, steps, warmup, device)
 
 
 def bench_pipeline(arch: str, size: int, bs: int, n: int, workers: int, v: Variant, device: torch.device) -> float:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import time
@@ -38,13 +39,14 @@ from competition.split import HeldoutSplit, split_labels
 from ensemble.postprocess import PostProcessing
 from tuning.heldout import HeldoutSet
 from tuning.objective import evaluate
-from tuning.recipe import parse_args, resolve, run_recipe
-from tuning.recipe_config import to_toml
+from tuning.recipe import command_line, recipe_console, run_recipe
 from tuning.table import format_table, plot_table, table_for_file
 
 HERE = Path(__file__).resolve().parent
 RECIPES = HERE.parent / "recipes"
 BASELINE_ARCH = "mobilenetv2_100"
+
+log = logging.getLogger(__name__)
 
 
 def _single(desc_q, desc_r, q_labels, r_labels) -> HeldoutSet:
@@ -101,10 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     bench, argv = own.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     if "--config" not in argv:
         argv = ["--config", str(RECIPES / "grocery-cpu.toml"), *argv]
-    args = parse_args(argv)
-    cfg = resolve(args)
-    if args.print_config:
-        print(to_toml(cfg), end="")
+    args, cfg = command_line(argv)
+    if cfg is None:   # --print-config
         return 0
     if not cfg.data:
         raise UserError(f"{args.config}: the recipe names no data: pass --data DIR (the grocery set, in the "
@@ -114,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     if why:   # before the hours of the recipe, not after
         raise UserError(f"--baseline-weights: {why}")
     if not weights:
-        print(f"[bench] no {bench.baseline_arch} weights in the recipe nor --baseline-weights: no off-the-shelf row")
+        log.warning("no %s weights in the recipe nor --baseline-weights: no off-the-shelf row", bench.baseline_arch)
     t0 = time.time()
-    table = run_recipe(cfg)
+    with recipe_console(args.quiet):
+        table = run_recipe(cfg)
     out = Path(cfg.out)
     split = HeldoutSplit.load(out / "split.json")
     table = baseline_rows(Path(cfg.data), split, cfg.devices[0], bench.baseline_arch, weights) + table

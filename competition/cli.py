@@ -12,15 +12,17 @@ Tracebacks are for bugs, or on request: ``--debug`` on any command, or ``KIT_DEB
 * ``number(kind, low, high)``: an argparse type that checks a range at parse time.
 * ``show_progress(wanted)``: progress bars only on a terminal (a piped log stays readable).
 
-Warnings print as one line ``warning: ...`` (no source line) under ``run_command``.
+``run_command`` runs the command inside ``competition.console.console``: notices (``logging``)
+and warnings print one line each (``warning: ...``), and the process is left as it was found.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import warnings
 from typing import Callable, Sequence
+
+from competition.console import console
 
 DEBUG_ENV = "KIT_DEBUG"
 
@@ -58,19 +60,15 @@ def show_progress(wanted: bool = True) -> bool:
         return False
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"warning: {message}\n"
-
-
 def run_command(main: Callable[[list[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run ``main(argv)``; a user error becomes ``error: ...`` on stderr and status 2 (traceback with --debug)."""
+    """Run ``main(argv)`` with the kit's console (``competition.console``); a user error becomes
+    ``error: ...`` on stderr and status 2 (traceback with --debug)."""
     debug = debug_requested(argv)
-    if not debug:
-        warnings.formatwarning = _one_line_warning
     args = list(argv if argv is not None else sys.argv[1:])
     args = [a for a in args if a != "--debug"]
     try:
-        return int(main(args) or 0)
+        with console(debug=debug):
+            return int(main(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -14,7 +14,6 @@ dots). A train image's *id* is ``<class>/<file name>``: names repeat across clas
 from __future__ import annotations
 
 import csv
-import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -24,8 +23,6 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from competition.cli import UserError
-
-log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 TRAIN_DIR = Path("train") / "train_data"

@@ -2,12 +2,13 @@
 
 On NSML, ``import nsml`` gives the platform's module; elsewhere main.py imports this
 one: ``DATASET_PATH`` comes from ``--data``, checkpoints live in a local folder
-(``checkpoints/<session>/<checkpoint>``), and ``report`` prints to the console and
+(``checkpoints/<session>/<checkpoint>``), and ``report`` logs a line (the console's) and
 appends JSON lines to ``checkpoints/<session>/report.jsonl``.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ CHECKPOINT_ROOT = Path(os.environ.get("KIT_CHECKPOINTS", "checkpoints"))
 SESSION = os.environ.get("KIT_SESSION", "local")
 
 _bound: dict[str, Callable] = {}
+
+log = logging.getLogger(__name__)
 
 
 def bind(save: Callable | None = None, load: Callable | None = None, infer: Callable | None = None, **_) -> None:
@@ -72,9 +75,9 @@ def paused(scope=None) -> None:
 
 
 def report(summary: bool = False, scope=None, step: int | None = None, **metrics) -> None:
-    """Print metrics and append them to the session's report log."""
+    """Log the metrics on one line and append them to the session's report log."""
     record = {"time": round(time.time(), 3), "step": step, "summary": summary, **metrics}
-    print("[report]", " ".join(f"{k}={v}" for k, v in record.items() if k != "time" and v is not None), flush=True)
-    log = make_dirs(CHECKPOINT_ROOT / SESSION.replace("/", "_")) / "report.jsonl"
-    with write_errors(log, "append to"), open(log, "a") as fh:
+    log.info("[report] %s", " ".join(f"{k}={v}" for k, v in record.items() if k != "time" and v is not None))
+    report_file = make_dirs(CHECKPOINT_ROOT / SESSION.replace("/", "_")) / "report.jsonl"
+    with write_errors(report_file, "append to"), open(report_file, "a") as fh:
         fh.write(json.dumps(record, default=str) + "\n")

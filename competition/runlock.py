@@ -6,7 +6,7 @@
 ``flock`` on ``run.lock`` while the run lasts; the file names the holder. A second run on the same
 folder is refused with ``RunLocked``, one line naming the holder (host, pid, since when). The
 operating system drops a ``flock`` when its process dies however it dies, so a lock file left by a
-dead run is free: the next run takes it over with a warning naming the run that left it. Leaving
+dead run is free: the next run takes it over, logging a warning that names the run that left it. Leaving
 removes the file, and the folder too when the lock created it and nothing else was written there.
 A lock is not inherited across ``exec`` (a spawned member process takes its own, in its own folder).
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import socket
 import sys
@@ -25,6 +26,8 @@ from pathlib import Path
 from competition.cli import UserError
 
 LOCK_FILE = "run.lock"
+
+log = logging.getLogger(__name__)
 
 
 class RunLocked(UserError, RuntimeError):
@@ -77,8 +80,7 @@ class RunLock:
             os.close(fd)
         left = _read(fd)
         if left.get("pid") is not None:
-            warnings.warn(f"{self.folder}: taking over the lock left by {holder_line(left)}, which has ended",
-                          RuntimeWarning, stacklevel=2)
+            log.warning("%s: taking over the lock left by %s, which has ended", self.folder, holder_line(left))
         info = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "command": " ".join([Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]]).split()}
         info["command"] = " ".join(info["command"])[:200]   # one line, whatever the arguments hold

@@ -13,6 +13,8 @@ that every value goes through, whatever it came from (a TOML file, ``--set KEY=V
 its own shape), so a new field is picked up without a second declaration. ``Setting.check(value)``
 returns the value normalised (int -> float, list -> tuple) or raises ``SettingError`` whose
 message reads ``expected <what>, got <value>``; ``Setting.parse_text`` reads a command-line value.
+``known_keys(data, cls, what)`` is the one rule of every ``from_dict``: a key that names no field of
+the dataclass is refused (``unknown <what>: [...]``), never ignored.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import tomllib
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from competition.cli import UserError, range_text
 
@@ -32,7 +34,8 @@ _PLURAL = {bool: "true/false values", int: "integers", float: "numbers", str: "s
 
 
 class SettingError(UserError, ValueError):
-    """A value of the wrong type or out of range; the message reads ``expected ..., got ...``."""
+    """A value of the wrong type or out of range (the message reads ``expected ..., got ...``), or a key
+    that names no setting."""
 
 
 def shown(value: Any) -> str:
@@ -140,6 +143,16 @@ class Setting:
 
 def _within(value: float, low: float | None, high: float | None) -> bool:
     return (low is None or value >= low) and (high is None or value <= high)
+
+
+def known_keys(data: Mapping[str, Any], cls: type, what: str, where: str = "",
+               error: Callable[[str], Exception] = SettingError) -> dict[str, Any]:
+    """``data`` as a new dict when every key names a field of the dataclass ``cls``; else raise
+    ``error("[where: ]unknown <what>: [keys]")`` naming every unknown key, sorted."""
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise error((f"{where}: " if where else "") + f"unknown {what}: {unknown}")
+    return dict(data)
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", low: float | None = None,  # noqa: A002

@@ -41,14 +41,12 @@ class MemberCheckError(UserError, ValueError):
 
 def check_device(device: str, option: str = "--device") -> str:
     """Return ``device`` (auto, cpu, cuda or cuda:N) when this machine can run it, else a ``UserError``
-    naming ``option`` (a CUDA device on a machine without a GPU falls back to the CPU with a warning)."""
-    from rerank import resolve_device
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the no-GPU fallback warns where the device is used
-            resolve_device(device)
-    except ValueError as exc:
-        raise UserError(f"{option}: {exc}") from None
+    naming ``option``: training's rule (``backbones.preflight.device_problem``; a CUDA device on a
+    machine without a GPU falls back to the CPU, with a warning where it is used)."""
+    from backbones.preflight import device_problem
+    why = device_problem(device)
+    if why is not None:
+        raise UserError(f"{option}: {why}")
     return device
 
 

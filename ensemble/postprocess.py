@@ -9,11 +9,12 @@ implementation that tuning and inference share.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
 
+from competition.settings import known_keys
 from ensemble.combine import concatenate
 from ensemble.whitening import Whitening, fit_whitening
 from rerank.pipeline import RerankParams
@@ -43,12 +44,9 @@ class PostProcessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PostProcessing":
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
-        d = dict(d)
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown PostProcessing keys: {sorted(unknown)}")
-        rerank = RerankParams.from_dict(d.pop("rerank", {}))
+        """Inverse of :meth:`to_dict`; unknown keys, its own or the re-ranker's, raise ``ValueError``."""
+        d = known_keys(d, cls, "PostProcessing keys")
+        rerank = RerankParams(**known_keys(d.pop("rerank", {}), RerankParams, "RerankParams keys"))
         return cls(rerank=rerank, **d)
 
 

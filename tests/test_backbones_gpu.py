@@ -25,6 +25,7 @@ from backbones.heads import HEADS, MetricLoss, batch_hard_triplet_loss, make_hea
 from backbones.model import build_model
 from backbones.train import TrainConfig, TrainNet
 from competition.cli import UserError
+from competition.console import console
 from rerank import device as device_mod
 
 NO_UNUSED = "test_efficientnet"   # tiny timm test models: every parameter reaches the loss ...
@@ -139,7 +140,8 @@ def _count_syncs_in(module_files: tuple[str, ...], monkeypatch) -> list[int]:
 def test_two_rank_run_keeps_collectives_on_device_with_a_long_timeout(image_dataset, tmp_path, monkeypatch, capsys):
     fake, _ = _fake_rank(monkeypatch, rank=0)
     syncs = _count_syncs_in((train_mod.__file__, dist_mod.__file__), monkeypatch)
-    result = train_mod.train(_cfg(image_dataset, tmp_path / "run"))
+    with console():   # training logs its lines; a command's console shows them on stdout
+        result = train_mod.train(_cfg(image_dataset, tmp_path / "run"))
     assert result["epoch"] == 1
     init = [c for c in fake.calls if c[0] == "init_process_group"]
     assert len(init) == 1 and init[0][1] == "gloo" and init[0][2]["timeout"] >= timedelta(hours=1)

@@ -8,6 +8,7 @@ import torch
 from backbones.heads import MetricLoss, batch_hard_triplet_loss, make_head
 from backbones.model import GeM, PretrainedMismatch, build_model, load_pretrained, resolve_arch
 from backbones.sampler import PKSampler
+from competition.console import console
 
 TINY = "mobilenetv3_small_050"
 
@@ -29,8 +30,10 @@ def test_unknown_arch_lists_close_timm_names():
 
 
 def test_model_output_is_unit_norm(capsys):
-    model = build_model(TINY, embedding_dim=16).eval()
-    assert "no --pretrained weights: training mobilenetv3_small_050 from random initialisation" in capsys.readouterr().out
+    with console():   # build_model logs what it loaded; a command's console shows it on stdout
+        model = build_model(TINY, embedding_dim=16).eval()
+    said = capsys.readouterr().out
+    assert "no --pretrained weights: training mobilenetv3_small_050 from random initialisation" in said
     out = model(torch.randn(3, 3, 32, 32))
     assert out.shape == (3, 16)
     assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)

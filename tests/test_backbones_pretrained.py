@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -27,35 +26,11 @@ from backbones.model import (
     resolve_arch,
 )
 from competition.cli import run_command
+from competition.console import console
 
 TINY = "mobilenetv3_small_050"
 TAG = "lamb_in1k"          # timm's default weights for TINY: hf_hub_id timm/mobilenetv3_small_050.lamb_in1k
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture
-def connects(monkeypatch) -> list:
-    """Record and refuse every socket connect; the list of attempted addresses."""
-    tried = []
-
-    def refuse(self, address):
-        tried.append(address)
-        raise ConnectionRefusedError(111, "refused by the test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    return tried
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch, connects) -> Path:
-    """An empty hub cache (HF_HOME/hub) with HF_HUB_OFFLINE=1; returns the cache folder."""
-    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "HF_HUB_ETAG_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cache = tmp_path / "hf" / "hub"
-    cache.mkdir(parents=True)
-    return cache
 
 
 def put_in_cache(cache: Path, repo: str, files: dict[str, Path]) -> None:
@@ -120,7 +95,8 @@ def test_timm_source_fetches_the_tagged_weights_from_the_cache(hub, tmp_path, co
     repo = timm_repo(tmp_path / "repo")
     assert timm.get_pretrained_cfg(f"{TINY}.{TAG}").hf_hub_id == f"timm/{TINY}.{TAG}"
     put_in_cache(hub, f"timm/{TINY}.{TAG}", {"model.safetensors": repo / "model.safetensors"})
-    model = build_model(f"{TINY}.{TAG}", embedding_dim=8, pretrained="timm")
+    with console():   # build_model logs what it loaded; a command's console shows it on stdout
+        model = build_model(f"{TINY}.{TAG}", embedding_dim=8, pretrained="timm")
     assert_body_holds(model, repo / "model.safetensors")
     registry = timm.get_pretrained_cfg(f"{TINY}.{TAG}")
     assert model.spec.mean == tuple(registry.mean) and model.spec.std == tuple(registry.std)
@@ -167,12 +143,13 @@ def test_unreachable_hub_fails_after_one_probe(hub, monkeypatch, connects):
 
 
 def test_tagged_arch_without_pretrained_warns_once(capsys):
-    build_model(f"{TINY}.{TAG}", embedding_dim=8)
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"warning: --arch {TINY}.{TAG} names timm's {TAG} weights")
-    assert "random weights" in err and "--pretrained timm" in err
-    build_model(TINY, embedding_dim=8)
-    assert capsys.readouterr().err == ""
+    with console():   # the warning is logged: a command's console prints it on stderr
+        build_model(f"{TINY}.{TAG}", embedding_dim=8)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"warning: --arch {TINY}.{TAG} names timm's {TAG} weights")
+        assert "random weights" in err and "--pretrained timm" in err
+        build_model(TINY, embedding_dim=8)
+        assert capsys.readouterr().err == ""
     with pytest.raises(ArchError, match=rf"no pretrained tag 'nosuch' for {TINY}; its tags: .*{TAG}"):
         resolve_arch(f"{TINY}.nosuch")
 

@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(data), out=str(out), arch=TINY, image_size=32, classes_per_batch=4, images_per_class=2, epochs=3, lr=5e-3,
-                embedding_dim=16, workers=0, progress=False, warmup_epochs=0.5, scale=16.0)
+    base = dict(data=str(data), out=str(out), arch=TINY, image_size=32, classes_per_batch=4, images_per_class=2,
+                epochs=3, lr=5e-3, embedding_dim=16, workers=0, progress=False, warmup_epochs=0.5, scale=16.0)
     return TrainConfig(**{**base, **kw})
 
 
@@ -90,8 +90,8 @@ def test_ddp_two_process_gloo_writes_one_checkpoint(image_dataset, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "backbones.train", "--arch", TINY, "--data", str(image_dataset), "--out", str(out),
-           "--image-size", "32", "--batch-size", "6", "--images-per-class", "2", "--epochs", "1", "--embedding-dim", "16",
-           "--workers", "0", "--device", "cpu", "--no-progress", "--head", "cosface"]
+           "--image-size", "32", "--batch-size", "6", "--images-per-class", "2", "--epochs", "1",
+           "--embedding-dim", "16", "--workers", "0", "--device", "cpu", "--no-progress", "--head", "cosface"]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.count("from random initialisation") == 1
@@ -104,8 +104,9 @@ def test_cli_softmax_sgd_accum_then_extract_cli(image_dataset, tmp_path):
     from backbones.extract import main as extract_main
 
     cfg = parse_args(["--data", str(image_dataset), "--out", str(tmp_path / "run"), "--arch", TINY,
-                      "--image-size", "32", "--batch-size", "8", "--images-per-class", "2", "--epochs", "1", "--head", "softmax",
-                      "--optimizer", "sgd", "--grad-accum", "2", "--max-steps", "1", "--embedding-dim", "8",
+                      "--image-size", "32", "--batch-size", "8", "--images-per-class", "2", "--epochs", "1",
+                      "--head", "softmax", "--optimizer", "sgd", "--grad-accum", "2", "--max-steps", "1",
+                      "--embedding-dim", "8",
                       "--workers", "0", "--no-progress", "--crop-scale", "0.5", "1.0", "--val-at-start", "--freeze-bn"])
     assert cfg.classes_per_batch == 4 and cfg.crop_scale == (0.5, 1.0) and cfg.max_steps == 1
     assert train(cfg)["epoch"] == 1

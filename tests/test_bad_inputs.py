@@ -113,7 +113,8 @@ class Case:
 
 UNREADABLE = [
     Case("zero bytes", "empty.jpg", lambda src: b"", False),
-    Case("truncated JPEG (cut inside the scan)", "truncated.jpg", lambda src: _jpeg(src)[:len(_jpeg(src)) * 3 // 5], False),
+    Case("truncated JPEG (cut inside the scan)", "truncated.jpg", lambda src: _jpeg(src)[:len(_jpeg(src)) * 3 // 5],
+         False),
     Case("random bytes named .jpg", "noise.jpg", lambda src: np.random.default_rng(0).bytes(3000), False),
     Case("text named .png", "notes.png", lambda src: b"not a picture, just some words\n" * 20, False),
     Case("above the decompression-bomb limit", "bomb.png", _bomb_png, False),
@@ -175,7 +176,8 @@ def build_corpus(data: Path) -> dict:
     Returns {"unreadable": {part: [paths]}, "ignored": {part: [paths]}}."""
     train_root = data / "train" / "train_data"
     class_dirs = sorted(d for d in train_root.iterdir() if d.is_dir())
-    odd_names = [f"{class_dirs[3].name} été, \"x\" 'y'", os.fsdecode(class_dirs[4].name.encode() + b" \xbb\xf3\xc7\xb0")]
+    odd_names = [f"{class_dirs[3].name} été, \"x\" 'y'",
+                 os.fsdecode(class_dirs[4].name.encode() + b" \xbb\xf3\xc7\xb0")]
     for i, name in enumerate(odd_names, start=3):
         class_dirs[i] = class_dirs[i].rename(train_root / name)
     class_sources = [load_rgb(min(d.glob("*.jpg"))) for d in class_dirs]
@@ -310,7 +312,8 @@ def test_the_corpus_holds_every_case_and_decodes_as_intended(tmp_path):
     assert modes["16-bit PNG"][0].startswith("I") and modes["CMYK JPEG"][0] == "CMYK"
     assert modes["palette PNG with transparency"][0] == "P" and modes["RGBA PNG"][0] == "RGBA"
     assert modes["greyscale JPEG"][0] == "L" and modes["1x1 image"][1] == (1, 1)
-    assert (modes["1-bit TIFF"][0], modes["32-bit float TIFF"][0], modes["greyscale PNG with alpha"][0]) == ("1", "F", "LA")
+    assert (modes["1-bit TIFF"][0], modes["32-bit float TIFF"][0],
+            modes["greyscale PNG with alpha"][0]) == ("1", "F", "LA")
     assert modes["animated GIF"][2] == 3 and modes["EXIF-rotated JPEG"][3] == 6
     for case in UNREADABLE:
         path = tmp_path / case.file

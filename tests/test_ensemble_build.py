@@ -95,8 +95,8 @@ def test_cli_builds_from_descriptor_files_and_refuses_leakage(ens_env, capsys):
     assert b.post.weights == [1.0, 3.0] and len(b.ids["train"]) == 9 and b.member_names == ["one", "two22"]
     leak = {"split_hash": ens_env.split.hash, "train_classes": list(ens_env.split.heldout_classes[:1])}
     m3 = _file_member(ens_env, "three", leak)
-    rc = run_command(main, ["--members", str(m1), str(m3), "--data", str(ens_env.data), "--out", str(ens_env.root / "x"),
-               "--split", str(split_path), "--no-progress"])
+    rc = run_command(main, ["--members", str(m1), str(m3), "--data", str(ens_env.data),
+                            "--out", str(ens_env.root / "x"), "--split", str(split_path), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "member three" in err and ens_env.split.heldout_classes[0] in err
 

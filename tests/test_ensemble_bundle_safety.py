@@ -195,7 +195,8 @@ def test_a_member_folder_that_is_not_a_plain_name_is_refused(crafted):
     spec["members"][1]["folder"] = ".."
     (bundle / "ensemble.json").write_text(json.dumps(spec))
     os.rename(bundle / "descriptors" / "01_desc.safetensors", bundle / "descriptors" / "...safetensors")
-    _edit_manifest(bundle, lambda files: [files.pop(k) for k in list(files) if k.startswith(("members/01", "descriptors/01"))])
+    _edit_manifest(bundle, lambda files: [files.pop(k) for k in list(files)
+                                          if k.startswith(("members/01", "descriptors/01"))])
     shutil.rmtree(bundle / "members" / "01_desc")
     _reseal(bundle, "ensemble.json", "descriptors/...safetensors", "descriptors/ids.json")
     err = _attempt(bundle, victim)

@@ -9,6 +9,7 @@ import torch
 from _ensemble_data import FakeExtractor
 
 import main as main_mod
+from competition.console import console
 from competition.data import TRAIN_DIR
 from ensemble import build as build_mod
 from ensemble.members import open_member
@@ -69,7 +70,7 @@ def test_main_hands_workers_to_build_and_inference(image_dataset, monkeypatch, c
             raise Stop
 
     monkeypatch.setattr(build_mod, "build_from_paths", build_from_paths)
-    with pytest.raises(Stop):
+    with pytest.raises(Stop), console():   # main logs its runtime line; a command's console shows it on stdout
         main_mod.main(["--mode", "train", "--data", str(image_dataset), "--members", "run", "--workers", "3",
                        "--device", "cpu"])
     assert seen["build"] == 3

@@ -73,8 +73,8 @@ def test_end_to_end_with_a_real_tiny_backbone(ens_env, capsys):
     ens_env.split.save(split_path)
     run = ens_env.root / "real_run"
     cfg = train_mod.TrainConfig(data=str(ens_env.data), out=str(run), arch="mobilenetv3_small_050", image_size=32,
-                                classes_per_batch=2, images_per_class=2, epochs=1, embedding_dim=16, workers=0, progress=False,
-                                split=str(split_path), device="cpu", val_batch_size=16, max_steps=1)
+                                classes_per_batch=2, images_per_class=2, epochs=1, embedding_dim=16, workers=0,
+                                progress=False, split=str(split_path), device="cpu", val_batch_size=16, max_steps=1)
     train_mod.train(cfg)
     member = open_member(run)
     assert member.split_hash == ens_env.split.hash and member.dim == 16

@@ -29,8 +29,8 @@ def nsml_world(tmp_path_factory):
     generate(data, SynthConfig(seed=3, train_classes=8, images_per_class=5, test_classes=3,
                                queries_per_class=2, references_per_class=3, size=32))
     run = root / "run"
-    train(TrainConfig(data=str(data), out=str(run), arch="mobilenetv3_small_050", image_size=32, classes_per_batch=4, images_per_class=2,
-                      epochs=1, embedding_dim=16, workers=0, progress=False, heldout_fraction=0.4))
+    train(TrainConfig(data=str(data), out=str(run), arch="mobilenetv3_small_050", image_size=32, classes_per_batch=4,
+                      images_per_class=2, epochs=1, embedding_dim=16, workers=0, progress=False, heldout_fraction=0.4))
     env = {**os.environ, "KIT_CHECKPOINTS": str(root / "checkpoints"), "KIT_SESSION": "demo"}
     proc = subprocess.run([sys.executable, "main.py", "--mode", "train", "--data", str(data),
                            "--members", str(run), "--trials", "3", "--device", "cpu"],

@@ -3,7 +3,9 @@ over with a warning, and the recipe and backbones.train both take the lock of th
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,20 +30,23 @@ def _holder(folder: Path) -> subprocess.Popen:
     return proc
 
 
-def test_a_second_run_is_refused_naming_the_holder_and_a_dead_holders_lock_is_taken_over(tmp_path):
+def test_a_second_run_is_refused_naming_the_holder_and_a_dead_holders_lock_is_taken_over(tmp_path, caplog):
     folder = tmp_path / "run"
     proc = _holder(folder)
     try:
         with pytest.raises(RunLocked, match=rf"run: another run is using this folder: pid {proc.pid} on "
-                                            rf"{socket.gethostname()} since 20\d\d-.*\(python\S* -c import sys, time from"):
+                                            rf"{socket.gethostname()} since 20\d\d-.*"
+                                            rf"\(python\S* -c import sys, time from"):
             RunLock(folder).acquire()
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert json.loads((folder / LOCK_FILE).read_text())["pid"] == proc.pid   # left behind by the killed run
-    with pytest.warns(RuntimeWarning, match=rf"taking over the lock left by pid {proc.pid} on .*which has ended"):
-        with RunLock(folder):
-            assert json.loads((folder / LOCK_FILE).read_text())["pid"] == os.getpid()
+    with caplog.at_level(logging.WARNING, logger="competition.runlock"), RunLock(folder):
+        assert json.loads((folder / LOCK_FILE).read_text())["pid"] == os.getpid()
+    [taken] = [r for r in caplog.records if r.name == "competition.runlock"]
+    assert taken.levelno == logging.WARNING
+    assert re.search(rf"taking over the lock left by pid {proc.pid} on .*which has ended", taken.getMessage())
     assert not (folder / LOCK_FILE).exists() and folder.is_dir()   # the folder was there before: it stays
 
 

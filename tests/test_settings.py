@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from competition.settings import Setting, SettingError, declared, setting
+from competition.settings import Setting, SettingError, declared, known_keys, setting
 
 
 @pytest.mark.parametrize("declared_as,value,expected", [
@@ -60,9 +60,34 @@ def test_a_dataclass_declares_its_settings():
 
     found = declared(Options)
     assert set(found) == {"count", "rate", "names", "pair", "mode"}
-    assert (found["count"].kind, found["count"].low, found["count"].high, found["count"].help) == (int, 1, 10, "how many")
+    count = found["count"]
+    assert (count.kind, count.low, count.high, count.help) == (int, 1, 10, "how many")
     assert found["rate"].optional and found["rate"].kind is float
     assert (found["pair"].kind, found["pair"].item, found["pair"].length) == (tuple, float, 2)
     assert found["names"].check(["b"]) == ["b"] and Options().names is not Options().names
     with pytest.raises(SettingError):
         found["mode"].check("z")
+
+
+def test_every_from_dict_refuses_unknown_keys_by_one_rule():
+    from backbones.config import ConfigError, TrainConfig
+    from ensemble.postprocess import PostProcessing
+
+    @dataclass
+    class Two:
+        alpha: int = 0
+        beta: int = 1
+
+    assert known_keys({"beta": 3}, Two, "Two keys") == {"beta": 3}
+    with pytest.raises(SettingError, match=r"^unknown Two keys: \['gamma', 'zeta'\]$"):
+        known_keys({"zeta": 1, "alpha": 2, "gamma": 3}, Two, "Two keys")
+    with pytest.raises(KeyError, match=r"recipe\.toml: unknown Two keys: \['gamma'\]"):
+        known_keys({"gamma": 3}, Two, "Two keys", where="recipe.toml", error=KeyError)
+    post = PostProcessing(whiten=True).to_dict()
+    assert PostProcessing.from_dict(post) == PostProcessing(whiten=True)
+    with pytest.raises(ValueError, match=r"unknown PostProcessing keys: \['whitening'\]"):
+        PostProcessing.from_dict({**post, "whitening": True})
+    with pytest.raises(ValueError, match=r"unknown RerankParams keys: \['k3'\]"):   # the nested table too
+        PostProcessing.from_dict({**post, "rerank": {**post["rerank"], "k3": 1}})
+    with pytest.raises(ConfigError, match=r"^run/config\.json: unknown training option\(s\): \['colour'\]$"):
+        TrainConfig.from_dict({"data": "d", "out": "o", "colour": 1}, where="run/config.json")

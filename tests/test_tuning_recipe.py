@@ -3,6 +3,7 @@ and re-runs that skip what is current and re-run exactly what changed."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tuning.recipe import main
+from competition.cli import run_command
+from tuning.recipe import main, recipe_console, say
 from tuning.steps import StepRecord
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +87,7 @@ def test_a_copied_run_folder_re_trains_and_re_tunes_nothing(recipe_run, tmp_path
     shutil.copytree(out, moved, symlinks=True)   # copy2: the files keep their times
     before = {**_mtimes(moved, "steps/*.json"), **_weights_mtimes(moved), **_mtimes(moved, "*/manifest.json")}
     capsys.readouterr()
-    assert main(["--config", str(root / "tiny.toml"), "--out", str(moved)]) == 0
+    assert run_command(main, ["--config", str(root / "tiny.toml"), "--out", str(moved)]) == 0   # lines shown
     said = capsys.readouterr().out
     assert "[recipe] training" not in said and "changed" not in said and "tuned," not in said, said
     after = {**_mtimes(moved, "steps/*.json"), **_weights_mtimes(moved), **_mtimes(moved, "*/manifest.json")}
@@ -109,7 +111,7 @@ def test_a_re_run_skips_what_is_current_and_re_runs_what_changed(recipe_run, cap
     root, out = recipe_run
     before = _weights_mtimes(out)
     capsys.readouterr()
-    assert main(["--config", str(root / "tiny.toml"), "--out", str(out)]) == 0
+    assert run_command(main, ["--config", str(root / "tiny.toml"), "--out", str(out)]) == 0   # lines shown
     assert _weights_mtimes(out) == before and "[recipe] training" not in capsys.readouterr().out
     # the changed run goes through a pipe, as into a log file: no progress-bar fragments, no line per trial
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -126,3 +128,12 @@ def test_a_re_run_skips_what_is_current_and_re_runs_what_changed(recipe_run, cap
     assert after["members/b/model.safetensors"] != before["members/b/model.safetensors"]
     assert StepRecord.of(out, "members-b").info()["options"]["epochs"] == 2   # results record what ran
     assert json.loads((out / "results.json").read_text())["members"]["b"]["epochs"] == 2
+
+
+def test_quiet_shows_the_stage_lines_and_warnings_only(capsys):
+    for quiet, shown in ((False, "[recipe] split 1a2b\nepoch 1: loss 0.5\n"), (True, "[recipe] split 1a2b\n")):
+        with recipe_console(quiet):
+            say("split 1a2b")
+            logging.getLogger("backbones.run_state").info("epoch 1: loss 0.5")   # a member trained in process
+            logging.getLogger("backbones.sampler").warning("P=8 > 3 classes; using P=3")
+        assert capsys.readouterr() == (shown, "warning: P=8 > 3 classes; using P=3\n")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from test_backbones_pretrained import TAG, TINY, connects, hub, put_in_cache  # noqa: F401 - fixtures
+from test_backbones_pretrained import TAG, TINY, put_in_cache
 
 from backbones.config import TrainConfig
 from backbones.preflight import pretrained_problem, train_problems

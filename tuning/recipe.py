@@ -18,7 +18,9 @@ folder re-runs nothing.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -29,6 +31,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from competition.cli import ArgumentParser, number, run_command
+from competition.console import console
 from competition.data import LABELS_FILE, scan_train
 from competition.fileio import atomic_write_json, atomic_write_text, sha256_file
 from competition.lifeline import die_with_parent, parent_death_signal
@@ -47,8 +50,18 @@ def in_run(out: str | Path, path: str | Path) -> str:
     return path.relative_to(out).as_posix() if path.is_relative_to(out) else str(path)
 
 
+log = logging.getLogger("tuning.recipe")   # not __name__: "__main__" under python -m
+
+
 def say(msg: str) -> None:
-    print(f"[recipe] {msg}", flush=True)
+    """A stage line (shown even with --quiet)."""
+    log.info("[recipe] %s", msg)
+
+
+def recipe_console(quiet: bool = False):
+    """The console of a recipe run (``competition.console``): with ``quiet``, the stage lines, warnings
+    and the table only."""
+    return console(quiet=quiet, keep=[log.name])
 
 
 def _rerun(what: str, changes: list[str]) -> None:
@@ -126,8 +139,9 @@ def _train_in_subprocess(options: dict, log_path: str, threads: int) -> tuple[di
     import torch
     torch.set_num_threads(threads)
     t0 = time.time()
-    with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        return _train_in_process({**options, "progress": False}), time.time() - t0
+    with open(log_path, "a", buffering=1) as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        with console():   # no run_command in a spawned worker: the member's notices go to its log
+            return _train_in_process({**options, "progress": False}), time.time() - t0
 
 
 def member_pool(parallel: int) -> ProcessPoolExecutor:
@@ -183,8 +197,8 @@ def train_members(cfg: RecipeConfig, data: Path, split: HeldoutSplit | None, fol
         started = {}
         for name, options, step, config in todo:   # in recipe order: list the longest member first
             Path(options["out"]).mkdir(parents=True, exist_ok=True)
-            log = str(Path(options["out"]) / "train.log")
-            started[pool.submit(_train_in_subprocess, options, log, threads)] = (name, options, step, config)
+            log_path = str(Path(options["out"]) / "train.log")
+            started[pool.submit(_train_in_subprocess, options, log_path, threads)] = (name, options, step, config)
         for future in as_completed(started):
             name, options, step, config = started[future]
             result, seconds = future.result()
@@ -353,7 +367,7 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--devices", nargs="+", metavar="DEVICE", help="member i trains on devices[i %% n]")
     ap.add_argument("--parallel", type=number(int, 1, 64), metavar="N", help="members trained at once")
     ap.add_argument("--workers", type=number(int, 0), metavar="N", help="DataLoader workers per member")
-    ap.add_argument("--refit", action=__import__("argparse").BooleanOptionalAction, default=None,
+    ap.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                     help="retrain every member on all train classes after tuning")
     ap.add_argument("--quiet", action="store_true", help="print the stage lines and the table only")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -372,13 +386,22 @@ def resolve(args) -> RecipeConfig:
     return apply_overrides(cfg, values, sets, args.members)
 
 
-def main(argv: list[str] | None = None) -> int:
+def command_line(argv: list[str] | None = None) -> tuple[argparse.Namespace, RecipeConfig | None]:
+    """The parsed command line and its resolved recipe; None for the recipe when ``--print-config``
+    printed it (nothing is to run)."""
     args = parse_args(argv)
     cfg = resolve(args)
     if args.print_config:
         print(to_toml(cfg), end="")
-        return 0
-    run_recipe(cfg)
+        return args, None
+    return args, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cfg = command_line(argv)
+    if cfg is not None:
+        with recipe_console(args.quiet):
+            run_recipe(cfg)
     return 0
 
 

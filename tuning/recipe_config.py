@@ -280,7 +280,13 @@ def load_recipe(path: str | Path) -> RecipeConfig:
         else:
             _store(cfg, key, value, base, at(key), problems)
     cfg.origin.setdefault("members", str(path))
-    problems += cfg.problems() if not problems else []
+    return _checked(cfg, problems)
+
+
+def _checked(cfg: RecipeConfig, problems: list[str]) -> RecipeConfig:
+    """``cfg`` when neither its keys (``problems``, found while reading them) nor its values as a whole
+    (``RecipeConfig.problems``, asked only of clean keys) are wrong; else RecipeError listing them."""
+    problems = problems or cfg.problems()
     if problems:
         raise RecipeError(problems)
     return cfg
@@ -337,10 +343,7 @@ def apply_overrides(cfg: RecipeConfig, values: dict[str, Any], sets: list[str] |
             problems.append(f"--members: no member named {', '.join(map(repr, unknown))} (the recipe has "
                             f"{[m.name for m in cfg.members]})")
         cfg.members = [m for m in cfg.members if m.name in only_members]
-    problems += cfg.problems() if not problems else []
-    if problems:
-        raise RecipeError(problems)
-    return cfg
+    return _checked(cfg, problems)
 
 
 def to_toml(cfg: RecipeConfig) -> str:

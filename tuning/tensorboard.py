@@ -11,7 +11,8 @@ What ``DIR`` holds (event files, one per process and writer; tags):
 Each worker process logs the trials it runs (``StudyBoard``, an Optuna callback; the
 threads of ``n_jobs`` share one writer under a lock), so workers sharing a study may share
 ``DIR``. Written through ``torch.utils.tensorboard``, which needs the ``tensorboard``
-package: ``require_tensorboard`` says so as a one-line ``UserError``.
+package: ``require_tensorboard`` (``backbones.board``'s, shared with training) says so as a one-line
+``UserError``.
 """
 from __future__ import annotations
 
@@ -23,19 +24,9 @@ from typing import Any, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from competition.cli import UserError
+from backbones.board import require_tensorboard
 
-INSTALL = "pip install tensorboard"
-
-
-def require_tensorboard() -> type:
-    """``torch.utils.tensorboard.SummaryWriter``; ``UserError`` when the tensorboard package is missing."""
-    try:
-        import tensorboard  # noqa: F401  (torch's writer needs it)
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exc:
-        raise UserError(f"--tensorboard needs the tensorboard package ({exc}): {INSTALL}") from exc
-    return SummaryWriter
+__all__ = ["StudyBoard", "choice_table", "flat_parameters", "require_tensorboard", "write_choice"]
 
 
 class StudyBoard:
