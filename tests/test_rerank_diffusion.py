@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 from _rerank_data import clustered, dense_diffusion, dense_diffusion_ranking
 
-from rerank import (DEFAULT_TRUNCATE, RerankParams, alpha_query_expansion, database_augmentation, diffusion,
-                    rerank, search)
+from rerank import (
+    DEFAULT_TRUNCATE,
+    RerankParams,
+    alpha_query_expansion,
+    database_augmentation,
+    diffusion,
+    rerank,
+    search,
+)
 from rerank.pipeline import fit_params_to_set
 
 ATOL = 2e-6

@@ -355,7 +355,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = SearchConfig(n_trials=args.trials, timeout=args.timeout, n_jobs=args.n_jobs, seed=args.seed,
                           k=args.k, split_seed=args.split_seed, objective=args.objective,
                           distractors=args.distractors, n_folds=args.folds, check_share=args.check_share,

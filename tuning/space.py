@@ -18,11 +18,12 @@ allows (``fit_space``). ``boundary_notes`` says when the best trials sit on the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import optuna
 
+from competition.settings import known_keys
 from ensemble.postprocess import PostProcessing
 from rerank.pipeline import RerankParams
 
@@ -59,9 +60,7 @@ class SearchSpace:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SearchSpace":
         """A space from a plain dict (a report, a recipe); unknown keys raise ``ValueError``."""
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown SearchSpace keys: {sorted(unknown)}")
+        data = known_keys(data, cls, "SearchSpace keys")
         ranges = {k: tuple(v) for k, v in data.items() if k.endswith("_range")}
         return cls(**{**data, **ranges})
 
