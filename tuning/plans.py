@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import optuna
 from optuna.trial import TrialState
 
-from competition.cli import show_progress
+from competition.cli import UserError, show_progress
 from ensemble.postprocess import PostProcessing
 from tuning.budget import TrialBudget
 from tuning.folds import FoldScores
@@ -127,6 +127,8 @@ class StudyRun:
 
 def study_plan(config: "SearchConfig", problems: StudyProblems) -> str:
     """"joint" or "staged": ``config.plan``, with "auto" resolved by the size of the study's problem."""
+    if config.plan not in PLANS:
+        raise UserError(f"plan must be one of {', '.join(PLANS)}, got {config.plan!r}")
     if config.plan != "auto":
         return config.plan
     data = problems.study.data
