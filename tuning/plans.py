@@ -210,7 +210,9 @@ def run_staged(problems: StudyProblems, heldout: HeldoutSet, config: "SearchConf
                                 device=config.device, stale_after_s=config.stale_after_s,
                                 ranker=reranking_ranker(plan, study_sets, space))
     optimize(second, objective, _stage_config(config, n_second, "reranking", deadline), progress)
-    final_sets = [ExpandedSets(p.data, plan, cache, config.k, config.device, maxsize=2) for p in problems.final]
+    del objective, study_sets   # the study problem's graphs: the final choice works on the whole split
+    final_sets = [ExpandedSets(p.data, plan, cache, config.k, config.device, maxsize=len(plan.sets))
+                  for p in problems.final]
 
     def score(params: dict) -> FoldScores:
         i, reranker = int(params["descriptors"]), plan.decode(params).rerank
