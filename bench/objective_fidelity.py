@@ -3,6 +3,7 @@
     python -m bench.objective_fidelity --split grocery=runs/grocery/bundle --split harsh=runs/harsh/bundle \
         --data ../shared/datasets/grocery --generated hard [--trials 60] [--space sized|fixed] \
         [--out bench/results_objective.json]
+    python -m bench.objective_fidelity --merge a.json b.json [--out all.json]   # one summary over both
 
 For every split (a bundle whose members describe ``--data``'s test images, or a generated split,
 ``bench/generated.py``), ``--trials`` post-processings are drawn at random (seeded) from the tuning
@@ -160,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="draw from the space sized by the class sizes (the default study's) or the fixed one")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", help="write every score and the summaries as JSON")
+    ap.add_argument("--merge", nargs="+", metavar="FILE.json", help="no scoring: print the tables of earlier "
+                    "--out files together, with the summary over all their splits (and write them to --out)")
     a = ap.parse_args(argv)
+    if a.merge:
+        return merge(a.merge, a.out)
     splits = {}
     for spec in a.split:
         name, _, bundle = spec.partition("=")
@@ -181,6 +186,21 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_json(a.out, {"trials": a.trials, "seed": a.seed, "space": a.space, "splits": results})
     if len(results) > 1:
         print_overall(results)
+    return 0
+
+
+def merge(files: list[str], out: str | None) -> int:
+    """Print (and write to ``out``) the splits of several result files as one result."""
+    import json
+
+    loaded = [json.loads(Path(f).read_text()) for f in files]
+    results = {name: r for d in loaded for name, r in d["splits"].items()}
+    for name, r in results.items():
+        print_table(name, r["summary"])
+    print_overall(results)
+    if out:
+        atomic_write_json(out, {**{k: loaded[0][k] for k in ("trials", "seed", "space")}, "merged": files,
+                                "splits": results})
     return 0
 
 

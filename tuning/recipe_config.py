@@ -7,7 +7,7 @@
     trials = 100           # Optuna trials of the tuning study (0: no tuning)
     k = 1000               # mAP@k everywhere: best checkpoints, tuning, the table, the submission
     storage = ""           # Optuna storage: "" = SQLite in BUNDLE.tuning/, journal:PATH or an RDB URL
-    distractors = "references"  # train-class distractors in the tuning gallery: a count, "references", "all"
+    distractors = 0        # train-class distractors in the tuning gallery: a count, "references", "all"
     devices = ["auto"]     # member i trains on devices[i % len(devices)] (a list, even of one)
     parallel = 1           # members trained at once, each in its own process and log
     workers = 0            # DataLoader workers of every member
@@ -100,7 +100,7 @@ class RecipeConfig:
     trials: int = setting(100, "Optuna trials of the tuning study (0: no tuning)", 0)
     k: int = setting(1000, "mAP@k everywhere: best checkpoints, tuning, the table, the submission", 1)
     storage: str = setting("", 'Optuna storage: "" = SQLite in BUNDLE.tuning/, journal:PATH or an RDB URL')
-    distractors: str | int = setting("references", "train-class distractors in the tuning gallery",
+    distractors: str | int = setting(0, "train-class distractors in the tuning gallery",
                                      convert=parse_distractors, expected='a count >= 0, "references" or "all"')
     devices: list[str] = setting(["auto"], "member i trains on devices[i % len(devices)]", low=1)
     parallel: int = setting(1, "members trained at once, each in its own process and log", 1, 64)

@@ -73,8 +73,8 @@ class SearchConfig:
     heartbeat_s: int | None = None      # RDB storages: Optuna heartbeat for workers on several hosts
     device: str = "cpu"
     objective: str = "folds"       # "folds", "gallery" or "halves" (``tuning.problems``)
-    distractors: str | int = "references"   # train-class distractors in the gallery: a count,
-    #                                "references" (as many as the held-out references), "all" or 0
+    distractors: str | int = 0     # train-class distractors in the gallery: a count (0: none, the
+    #                                default, chosen by bench/objective_fidelity.py), "references" or "all"
     n_folds: int = 3               # class folds of the "folds" objective
     check_share: float = 0.25      # share of the held-out classes the "folds" study never scores
     size_space: bool = True        # size k1, k2, DBA/aQE n and the diffusion k by the held-out class sizes
@@ -335,8 +335,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--fixed-space", action="store_true",
                     help="keep the fixed ranges of k1, k2, DBA/aQE n and diffusion k instead of sizing them by "
                          "the held-out class sizes")
-    ap.add_argument("--distractors", default="references", metavar="N|references|all",
-                    help="train-class images added to the gallery as distractors")
+    ap.add_argument("--distractors", default="0", metavar="N|references|all",
+                    help="train-class images added to the gallery as distractors (default 0: the fine-tuned "
+                         "members learnt those classes, so they predict the test's unseen distractors badly)")
     ap.add_argument("--split-seed", type=number(int, 0), default=0, metavar="N",
                     help="seed of the folds (or halves) of the held-out classes")
     ap.add_argument("--no-kreciprocal", action="store_true", help="leave k-reciprocal re-ranking out of the search")
