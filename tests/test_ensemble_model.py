@@ -118,3 +118,21 @@ def test_descriptors_are_normalised_where_read_and_where_whitened_only(ens_env, 
     desc, ok = ens.describe(paths)
     assert calls == [len(paths)] * 3  # member a, member b, the whitening
     assert ok.all() and np.allclose(np.linalg.norm(desc, axis=1), 1.0, atol=1e-5)
+
+
+def test_a_chosen_diffusion_survives_the_checkpoint_format_and_ranks_as_rerank_diffusion(ens_env):
+    from rerank import diffusion
+    from rerank.pipeline import RerankParams
+
+    chosen = PostProcessing(rerank=RerankParams(use_diffusion=True, diffusion_k=4, diffusion_alpha=0.9,
+                                                diffusion_gamma=2.0))
+    post = PostProcessing.from_dict(chosen.to_dict())          # as a bundle writes and reads it
+    assert post == chosen and post.rerank.use_diffusion and not post.rerank.use_kreciprocal
+    ens = _ensemble(ens_env, post=post)
+    queries, refs = _paths(ens_env, ens_env.split.query_ids), _paths(ens_env, ens_env.split.reference_ids)
+    ranking = ens.rank(queries, refs, top_k=5)
+    query_desc, reference_desc = ens.describe(queries)[0], ens.describe(refs)[0]
+    _, expected = diffusion(query_desc, reference_desc, k=4, alpha=0.9, gamma=2.0, top_k=5)
+    plain = np.argsort(-(query_desc @ reference_desc.T), axis=1)[:, :5]
+    assert np.array_equal(ranking.indices, expected)
+    assert not np.array_equal(ranking.indices, plain)     # the re-ranker was applied, not a plain search
