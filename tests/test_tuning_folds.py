@@ -122,7 +122,8 @@ def test_the_space_follows_the_class_sizes_and_notes_a_best_on_its_edge():
     assert space.k1_range == (12, 72) and space.k2_range == (1, 14) and space.max_dba_n == space.max_aqe_n == 18
     assert space.diffusion_k_range == (24, 144)
     small = sized_space(SearchSpace(), images_per_class=8, references_per_class=6)
-    assert small.k1_range == (2, 10) and small.max_dba_n == 3 and small.diffusion_k_range == (5, 20)
+    assert small.k1_range == (2, 20) and small.k2_range == (1, 6)             # the textbook k1, k2 inside
+    assert small.max_dba_n == 3 and small.diffusion_k_range == (5, 20)
     assert fit_space(space, 10, 20).k1_range == (12, 29) and fit_space(space, 10, 20).max_dba_n == 18
     best = [{"k1": 70, "dba_n": 5}, {"k1": 72, "dba_n": 9}, {"k1": 40}]
     notes = boundary_notes(best, space)

@@ -47,7 +47,7 @@ from tuning.heldout import HeldoutSet, heldout_set
 from tuning.objective import SearchSpace, WhiteningCache, fit_space, rank
 from tuning.plans import PLANS, STAGED_FROM, TrialProgress, defaults_trial, run_joint, run_staged, study_plan
 from tuning.problems import OBJECTIVES, distractor_count, split_halves, study_problems, tuning_problems
-from tuning.space import boundary_notes, sized_space
+from tuning.space import SIZED_SPACE_RULE, boundary_notes, sized_space
 from tuning.tensorboard import require_tensorboard, write_choice
 from tuning.workers import check_storage_url, is_stale, open_storage, recover_stale_trials
 
@@ -93,7 +93,7 @@ def study_settings(config: SearchConfig) -> dict[str, Any]:
     """What a study's trials and choice depend on beyond the bundle, k, seed, storage and distractors: a
     recipe re-runs its tuning step when one of these changes."""
     return {"objective": config.objective, "n_folds": config.n_folds, "check_share": config.check_share,
-            "size_space": config.size_space, "max_study_images": config.max_study_images,
+            "size_space": config.size_space and SIZED_SPACE_RULE, "max_study_images": config.max_study_images,
             "final_top": config.final_top, "spread_weight": config.spread_weight, "split_seed": config.split_seed,
             "plan": config.plan, "descriptor_share": config.descriptor_share, "beam": config.beam,
             "space": asdict(config.space)}

@@ -8,12 +8,15 @@ final choice).
 Ranges sized by the data (``sized_space``): with s the median number of images (queries and
 references) of a held-out class and r its median number of references,
 
-    k1 in [max(2, s/6), max(10, s)]        k2 in [1, max(3, s/5)]
+    k1 in [max(2, s/6), max(20, s)]        k2 in [1, max(6, s/5)]
     DBA n, aQE n in [0, max(3, r/3)]        diffusion k in [max(5, s/3), max(20, 2 s)] (log scale)
 
 (rounded), so a neighbourhood can reach about one class among all images (k-reciprocal, diffusion)
-or a third of its references (expansion), at any scale; a range never exceeds what the study's set
-allows (``fit_space``). ``boundary_notes`` says when the best trials sit on the edge of a range.
+or a third of its references (expansion), at any scale, and the textbook k-reciprocal (k1 20, k2 6)
+is always inside (small classes: the demo's 16 images per class put the best trials on the upper
+edges of [3, 16] and [1, 3]); a range never exceeds what the study's set allows (``fit_space``).
+``boundary_notes`` says when the best trials sit on the edge of a range. ``SIZED_SPACE_RULE`` numbers
+the rule, so a recipe re-runs a study sized by an older one.
 """
 from __future__ import annotations
 
@@ -27,9 +30,9 @@ from competition.settings import known_keys
 from ensemble.postprocess import PostProcessing
 from rerank.pipeline import RerankParams
 
-__all__ = ["RERANKER_KEYS", "SearchSpace", "boundary_notes", "default_params", "fit_space", "post_from_params",
-           "sized_space", "standard_params", "suggest_descriptors", "suggest_postprocessing", "suggest_reranker",
-           "weight_name"]
+__all__ = ["RERANKER_KEYS", "SIZED_SPACE_RULE", "SearchSpace", "boundary_notes", "default_params", "fit_space",
+           "post_from_params", "sized_space", "standard_params", "suggest_descriptors", "suggest_postprocessing",
+           "suggest_reranker", "weight_name"]
 
 RERANKER_KEYS = ("kreciprocal", "k1", "k2", "lambda_value", "diffusion", "diffusion_k", "diffusion_alpha",
                  "diffusion_gamma")   # the trial parameters ``suggest_reranker`` draws
@@ -65,11 +68,14 @@ class SearchSpace:
         return cls(**{**data, **ranges})
 
 
+SIZED_SPACE_RULE = 2   # bumped whenever the rule of ``sized_space`` changes: a recipe then re-runs its study
+
+
 def sized_space(space: SearchSpace, images_per_class: float, references_per_class: float) -> SearchSpace:
     """``space`` with the size-bound ranges derived from the class sizes (rule in the module docstring)."""
     s, r = float(images_per_class), float(references_per_class)
     expand = max(3, round(r / 3))
-    return replace(space, k1_range=(max(2, round(s / 6)), max(10, round(s))), k2_range=(1, max(3, round(s / 5))),
+    return replace(space, k1_range=(max(2, round(s / 6)), max(20, round(s))), k2_range=(1, max(6, round(s / 5))),
                    max_dba_n=expand, max_aqe_n=expand,
                    diffusion_k_range=(max(5, round(s / 3)), max(20, round(2 * s))))
 
