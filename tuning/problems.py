@@ -4,7 +4,7 @@ Three objectives (``SearchConfig.objective``), each a ``StudyProblems``:
 
 * ``"folds"`` (default): the held-out classes split into a check set and F class folds
   (``tuning.folds``); trials rank the fold queries against the gallery of every held-out
-  reference plus the train-class distractors, sampled by class when the split is large; the final
+  reference (plus train-class distractors when asked), sampled by class when the split is large; the final
   choice re-scores on the whole split, check queries included.
 * ``"gallery"``: the same with one fold, the search half of the classes, and the other half as the
   check set (the kit's objective before class folds).
