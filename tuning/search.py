@@ -15,8 +15,8 @@ COMPLETE, and RUNNING trials left by a dead worker (killed at any instant, see
 What a trial scores (``tuning.problems``; default ``objective="folds"``): the held-out
 classes are split (seeded) into class folds and a check set; a trial ranks the fold
 queries against one gallery of every held-out reference (the other folds' classes are the
-unseen distractors; train-class distractors only when ``distractors`` asks) and its value is the mean of the folds' mAP@k (``tuning.folds``). The search space is
-sized by the held-out class sizes (``tuning.space.sized_space``). The final choice is
+unseen distractors; train-class distractors only when ``distractors`` asks) and its value
+is the mean of the folds' mAP@k (``tuning.folds``). The search space is sized by the held-out class sizes (``tuning.space.sized_space``). The final choice is
 not the single best trial: the best ``final_top`` are re-scored on the whole split and
 chosen by a stated rule (``tuning.choice``); the check classes, never scored by the
 study, report how the choice generalises. A split too small to inform (few queries,
