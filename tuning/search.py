@@ -17,10 +17,11 @@ classes are split (seeded) into class folds and a check set; a trial ranks the f
 queries against one gallery of every held-out reference (the other folds' classes are the
 unseen distractors; train-class distractors only when ``distractors`` asks) and its value
 is the mean of the folds' mAP@k (``tuning.folds``). The search space is sized by the
-held-out class sizes (``tuning.space.sized_space``). The final choice is not the single best trial: the best ``final_top`` are re-scored on the whole split and
-chosen by a stated rule (``tuning.choice``); the check classes, never scored by the
-study, report how the choice generalises. A split too small to inform (few queries,
-every trial perfect), and best trials on the edge of a range, are reported in
+held-out class sizes (``tuning.space.sized_space``). The final choice is not the single
+best trial: the best ``final_top`` are re-scored on the whole split and chosen by a
+stated rule (``tuning.choice``); the check classes, never scored by the study, report
+how the choice generalises. A split too small to inform (few queries, every trial
+perfect), and best trials on the edge of a range, are reported in
 ``SearchResult.warnings``.
 """
 from __future__ import annotations
