@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(defaults {r.defaults_value:.4f}) "
           f"on the study's folds; check classes {r.check_best['map_at_k']:.4f} "
           f"(defaults {r.check_defaults['map_at_k']:.4f}); {r.n_complete} trials complete"
-          + (f"; {len(r.warnings)} warning(s) above: the held-out split is too small" if r.warnings else ""))
+          + (f"; {len(r.warnings)} warning(s) above" if r.warnings else ""))
     print(f"final choice: {r.final['verdict']}")
     print(f"chosen post-processing written to {args.bundle}; report in {tuning_dir(args.bundle)}")
     return 0
