@@ -13,7 +13,7 @@ PARENT = '''
 import os, sys, time
 
 def member(seconds):
-    print(os.getpid(), flush=True)
+    os.write(1, f"{os.getpid()}\\n".encode())   # one write: the two members' lines never interleave
     time.sleep(seconds)
 
 if __name__ == "__main__":
