@@ -24,11 +24,11 @@ from tuning.objective import WhiteningCache, evaluate
 ALPHAS, GAMMAS = (0.9, 0.95, 0.99), (1.0, 3.0)
 
 
-def diffusion_grid(images_per_class: float) -> list[RerankParams]:
-    """Diffusion settings of the grid: k in {s/2, s, 2s} for s images per class, x alpha x gamma."""
+def diffusion_grid(base: RerankParams, images_per_class: float) -> list[RerankParams]:
+    """``base`` (its DBA and aQE) with diffusion for k in {s/2, s, 2s} (s images per class) x alpha x gamma."""
     ks = sorted({max(5, round(images_per_class * f)) for f in (0.5, 1.0, 2.0)})
-    return [RerankParams(use_kreciprocal=False, use_diffusion=True, diffusion_k=k, diffusion_alpha=a,
-                         diffusion_gamma=g) for k, a, g in itertools.product(ks, ALPHAS, GAMMAS)]
+    return [replace(base, use_kreciprocal=False, use_diffusion=True, diffusion_k=k, diffusion_alpha=a,
+                    diffusion_gamma=g) for k, a, g in itertools.product(ks, ALPHAS, GAMMAS)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,10 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = {name: {**score(p), "params": p.to_dict()} for name, p in candidates.items()}
     grid = []
-    for p in diffusion_grid(class_sizes(heldout)[0]):
-        merged = replace(p, dba_n=expand.dba_n, dba_alpha=expand.dba_alpha, aqe_n=expand.aqe_n,
-                         aqe_alpha=expand.aqe_alpha)
-        grid.append({**score(merged), "params": merged.to_dict()})
+    for p in diffusion_grid(expand, class_sizes(heldout)[0]):
+        grid.append({**score(p), "params": p.to_dict()})
         print(f"  diffusion k {p.diffusion_k} alpha {p.diffusion_alpha} gamma {p.diffusion_gamma:g}: "
               f"held-out {grid[-1]['heldout']:.4f} test {grid[-1]['test']:.4f}", flush=True)
     best = max(grid, key=lambda g: g["heldout"])
